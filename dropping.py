@@ -1,0 +1,120 @@
+"""
+Token dropping (Hou et al., ACL 2022): which layers see which tokens, and which tokens are kept.
+
+The middle layers of the encoder process only the k = int(keep * T) most "important" tokens of
+each row. A token's importance is a running average of the masked-LM loss of its vocabulary id:
+ids the model still finds hard to predict are kept, easy ones are dropped. The last layer sees the
+whole sequence again, so every position still gets a representation (and an MLM prediction).
+"""
+import torch
+import torch.distributed as dist
+from torch import nn
+
+# The four stages of the layer schedule (SPEC §2). With L layers (0-indexed):
+FULL = "full"          # [0, L/2-1): all tokens
+FIRST = "first"        # L/2-1: queries = kept tokens, keys/values = all tokens
+DROPPED = "dropped"    # [L/2, L-1): kept tokens attend to kept tokens only
+LAST = "last"          # L-1: dropped tokens rejoin with the state they had before layer L/2-1
+
+
+def layer_schedule(n_layer, dropping=True):
+    """The stage of each layer, e.g. L=12: 5x full, first, 5x dropped, last (all full without dropping)."""
+    if not dropping:
+        return [FULL] * n_layer
+    if n_layer < 2:
+        raise ValueError(f"token dropping needs at least 2 layers (a first dropping layer and a "
+                         f"last layer), the model has {n_layer}; pick a larger --size")
+    first = n_layer // 2 - 1
+    return [FULL] * first + [FIRST] + [DROPPED] * (n_layer - first - 2) + [LAST]
+
+
+def gather_tokens(x, idx):
+    """x: (B, T, C), idx: (B, k) positions -> (B, k, C)."""
+    return x.gather(1, idx.unsqueeze(-1).expand(-1, -1, x.size(-1)))
+
+
+def scatter_tokens(x_all, idx, x_kept):
+    """Writes the kept tokens back into the full sequence: x_all (B, T, C), idx (B, k), x_kept (B, k, C)."""
+    return x_all.scatter(1, idx.unsqueeze(-1).expand(-1, -1, x_all.size(-1)), x_kept)
+
+
+def kept_count(keep, seq_len):
+    """The static number of kept tokens per row (one graph for torch.compile)."""
+    return int(keep * seq_len)
+
+
+ROUTERS = ("loss", "random", "frequency")
+
+
+class Router(nn.Module):
+    """
+    One importance score per vocabulary id; a row keeps its k highest-scoring tokens.
+
+    kind="loss" (Hou et al.): imp[id] <- beta * imp[id] + (1 - beta) * mean MLM loss of id in the step.
+    kind="frequency": imp[id] = -(times id was seen), so rare tokens are kept (an ablation in Hou et al.).
+    kind="random": imp never changes, so the random tie-breaking alone decides (the other ablation).
+    Special ids are pinned and never updated: the allow list (every special id but [PAD]) is always
+    kept, [CLS] above everything else so it survives in every row whatever the ties; [PAD] always dropped.
+    """
+
+    def __init__(self, vocab_size, special_ids, pad_id, cls_id, kind="loss", beta=0.995, init=10.0):
+        super().__init__()
+        if kind not in ROUTERS:
+            raise ValueError(f"--router {kind!r} is unknown; choose one of {', '.join(ROUTERS)}")
+        self.kind, self.beta = kind, beta
+        importance = torch.full((vocab_size,), 0.0 if kind == "frequency" else init)
+        learned = torch.ones(vocab_size, dtype=torch.bool)
+        for i in special_ids:
+            importance[i], learned[i] = torch.finfo(torch.float32).max, False
+        importance[cls_id] = float("inf")
+        importance[pad_id], learned[pad_id] = float("-inf"), False
+        self.register_buffer("importance", importance)
+        self.register_buffer("learned", learned, persistent=False)
+        # The step's statistics, summed over micro-batches (and ranks) before one update.
+        self.register_buffer("loss_sum", torch.zeros(vocab_size), persistent=False)
+        self.register_buffer("count", torch.zeros(vocab_size), persistent=False)
+
+    @torch.no_grad()
+    def select(self, input_ids, k, noise):
+        """
+        input_ids: (B, T) after masking; noise: (B, T) uniform draws that break ties at random.
+        Returns keep_idx: (B, k), the kept positions of each row in increasing order.
+        """
+        perm = noise.argsort(dim=1)  # a random order of the positions of each row
+        score = self.importance[input_ids].gather(1, perm)
+        # a stable sort of randomly permuted scores = highest importance first, ties in random order
+        top = score.sort(dim=1, descending=True, stable=True).indices[:, :k]
+        return perm.gather(1, top).sort(dim=1).values
+
+    @torch.no_grad()
+    def observe(self, input_ids, targets, token_losses):
+        """Adds a micro-batch to the step's statistics. targets, token_losses: (N,) at masked positions, -100 = ignored."""
+        if self.kind == "loss":
+            valid = targets >= 0
+            ids = targets.clamp(min=0)
+            self.loss_sum.index_add_(0, ids, torch.where(valid, token_losses.float(), 0.0))
+            self.count.index_add_(0, ids, valid.float())
+        elif self.kind == "frequency":
+            self.count.index_add_(0, input_ids.flatten(), torch.ones(input_ids.numel(), device=input_ids.device))
+
+    @torch.no_grad()
+    def update(self):
+        """Applies the step's statistics, identically on every rank, then clears them."""
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(self.loss_sum)
+            dist.all_reduce(self.count)
+        seen = self.learned & (self.count > 0)
+        if self.kind == "loss":
+            # several occurrences of an id in one step: average their losses first (SPEC §2)
+            mean_loss = self.loss_sum / self.count.clamp(min=1)
+            ema = self.beta * self.importance + (1 - self.beta) * mean_loss
+            self.importance.copy_(torch.where(seen, ema, self.importance))
+        elif self.kind == "frequency":
+            self.importance.copy_(torch.where(seen, self.importance - self.count, self.importance))
+        self.reset()
+
+    def reset(self):
+        """Forgets the step's statistics (also how a skipped, non-finite step is discarded)."""
+        self.loss_sum.zero_()
+        self.count.zero_()
+

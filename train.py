@@ -1,0 +1,395 @@
+"""
+Pretrain BERT with masked LM: full-sequence, token dropping (Hou et al. 2022) or ScTD (Zhong et al. 2023).
+
+    python train.py --size base                                   # one GPU, or the CPU
+    torchrun --nproc_per_node 8 train.py --size base --mode sctd  # data parallel (DDP)
+
+Every flag is a field of TrainConfig below (python train.py --help lists them with their meaning).
+"""
+import argparse
+import json
+import math
+import os
+import signal
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field, fields
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+from data import (CLS, DEFAULT_CONFIG, DEFAULT_DATA, PAD, SPECIAL_IDS, VOCAB_SIZE, Batches, cache_folder,
+                  load_tokens, n_masked, prepare)
+from dropping import ROUTERS, Router, kept_count
+from loss import mlm_loss, sctd_loss, semantic_drift
+from model import SIZES, Bert, BertConfig
+
+MODES = ("full", "drop", "sctd")
+VAL_SEED = 0  # validation batches (and their masking) are the same for every run and mode
+
+
+def arg(default, help, **kw):
+    return field(default=default, metadata=dict(help=help, **kw))
+
+
+@dataclass
+class TrainConfig:
+    size: str = arg("base", "model size", choices=list(SIZES))
+    mode: str = arg("full", "full: every layer sees every token; drop: token dropping; "
+                    "sctd: token dropping plus a full pass and [CLS] alignment every --sctd_interval steps", choices=MODES)
+    data: str = arg(DEFAULT_DATA, "a .txt (blank-line separated documents) or .jsonl (field \"text\") "
+                    "file or folder, plain/.xz/.gz; or a Hugging Face dataset name")
+    data_config: str = arg(DEFAULT_CONFIG, "configuration of a Hugging Face dataset")
+    cache_dir: str = arg("data_cache", "where prepared token files are kept (one folder per source)")
+    max_tokens: int = arg(None, "stop preparing after this many training tokens (default: all)", type=int)
+    seq_len: int = arg(128, "tokens per row, [CLS] and [SEP] included (8..512)")
+    batch_size: int = arg(None, "rows per micro-batch per process (default: 256 / world size)", type=int)
+    grad_accum: int = arg(1, "micro-batches per optimizer step")
+    steps: int = arg(1_000_000, "optimizer steps (BERT: 1M at batch 256)")
+    lr: float = arg(None, "peak learning rate (default by size: 1e-4 for base/large, 5e-4 small/medium, 1e-3 tiny/mini)", type=float)
+    warmup: int = arg(None, "linear warm-up steps, then linear decay to 0 at --steps "
+                      "(default: 10%% of --steps, at most 10,000 as in BERT)", type=int)
+    weight_decay: float = arg(0.01, "AdamW weight decay (none on LayerNorm weights and biases)")
+    betas: tuple = arg((0.9, 0.98), "AdamW betas", nargs=2, type=float)
+    eps: float = arg(1e-6, "AdamW epsilon")
+    clip: float = arg(1.0, "gradient norm clipping (0: off)")
+    dropout: float = arg(0.1, "dropout probability")
+    keep: float = arg(0.5, "token dropping: fraction of tokens the middle layers keep, in (0, 1]")
+    router: str = arg("loss", "which tokens are kept: loss (Hou et al.), random or frequency (ablations)", choices=ROUTERS)
+    importance_beta: float = arg(0.995, "moving-average factor of the loss router's importance table")
+    sctd_interval: int = arg(10, "ScTD: a full pass and the semantic constraints every Fi steps")
+    sctd_lambda: float = arg(0.05, "ScTD: weight of the local + global KL constraints")
+    dtype: str = arg("auto", "auto: bf16 on GPUs that have it, else fp16 (with loss scaling); fp32 on CPU",
+                     choices=["auto", "fp32", "bf16", "fp16"])
+    compile: bool = arg(None, "torch.compile the model (default: on for CUDA)", action=argparse.BooleanOptionalAction)
+    device: str = arg("auto", "auto, cpu, cuda or cuda:N")
+    seed: int = arg(1337, "seed of the initial weights, row order, masking and tie-breaking")
+    out_dir: str = arg("out", "where log.jsonl and checkpoints go")
+    log_every: int = arg(10, "steps between lines of log.jsonl")
+    eval_every: int = arg(1000, "steps between validations (and at the end)")
+    eval_iters: int = arg(20, "validation batches per evaluation")
+    save_every: int = arg(1000, "steps between checkpoints (and at the end)")
+    resume: bool = arg(False, "continue from the checkpoint in --out_dir", action="store_true")
+    max_bad_steps: int = arg(10, "stop after this many non-finite steps in a row")
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    def error(self, message):
+        self.exit(2, f"error: {message}\n")
+
+
+def parse_args(argv=None):
+    p = _OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in fields(TrainConfig):
+        kw = dict(f.metadata)
+        kw.setdefault("type", type(f.default))
+        if "action" in kw:
+            kw.pop("type")
+        p.add_argument(f"--{f.name}", default=f.default, **kw)
+    cfg = TrainConfig(**vars(p.parse_args(argv)))
+    cfg.betas = tuple(cfg.betas)
+    return cfg
+
+
+def check(cfg):
+    """Bad input stops here, in one sentence naming the flag."""
+    M = n_masked(cfg.seq_len)
+    rules = [
+        (8 <= cfg.seq_len <= 512, f"--seq_len {cfg.seq_len} is outside 8..512 (the model has 512 positions)"),
+        (cfg.batch_size is None or cfg.batch_size >= 1, f"--batch_size {cfg.batch_size} must be at least 1"),
+        (cfg.grad_accum >= 1 and cfg.steps >= 1, "--grad_accum and --steps must be at least 1"),
+        (0 < cfg.keep <= 1, f"--keep {cfg.keep} is outside (0, 1]"),
+        (cfg.sctd_interval >= 1, f"--sctd_interval {cfg.sctd_interval} must be at least 1"),
+    ]
+    if cfg.mode != "full" and 0 < cfg.keep <= 1:
+        k, need = kept_count(cfg.keep, cfg.seq_len), M + 2
+        rules.append((k >= need, f"--keep {cfg.keep} keeps {k} of {cfg.seq_len} tokens, fewer than the {need} "
+                                 f"always kept ([CLS], [SEP] and {M} masked); use --keep >= {math.ceil(100 * need / cfg.seq_len) / 100}"))
+    for ok, message in rules:
+        if not ok:
+            raise ValueError(message)
+
+
+def lr_at(step, cfg):
+    """Linear warm-up to cfg.lr, then linear decay to 0 at cfg.steps."""
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    return cfg.lr * max(0.0, (cfg.steps - step) / max(1, cfg.steps - cfg.warmup))
+
+
+def is_sctd_step(cfg, step):
+    """ScTD's hybrid training: the full pass and the semantic constraints every Fi-th step."""
+    return cfg.mode == "sctd" and step % cfg.sctd_interval == 0
+
+
+def objective(model, router, batch, cfg, sctd_step):
+    """
+    The loss of one micro-batch. Returns (loss, stats, token_losses); token_losses (B*M,) come from
+    the dropped pass (or the only pass) and teach the router.
+    """
+    if cfg.mode == "full":
+        logits, _, _ = model(batch.input_ids, batch.mlm_positions)
+        loss, token_losses = mlm_loss(logits, batch.mlm_targets)
+        return loss, {}, token_losses
+    keep_idx = router.select(batch.input_ids, kept_count(cfg.keep, cfg.seq_len), batch.noise)
+    logits, *drop = model(batch.input_ids, batch.mlm_positions, keep_idx)
+    mlm_drop, token_losses = mlm_loss(logits, batch.mlm_targets)
+    if not sctd_step:
+        return mlm_drop, {}, token_losses
+    logits, *full = model(batch.input_ids, batch.mlm_positions)  # same weights, its own dropout masks
+    mlm_full, _ = mlm_loss(logits, batch.mlm_targets)
+    loss, kl_local, kl_global = sctd_loss(mlm_drop, mlm_full, full, drop, cfg.sctd_lambda)
+    return loss, dict(mlm_drop=mlm_drop, mlm_full=mlm_full, kl_local=kl_local, kl_global=kl_global), token_losses
+
+
+def train_step(model, router, opt, scaler, batches, cfg, step, autocast):
+    """
+    One optimizer step over the micro-batches (forward, backward, clip, AdamW, router update).
+    model: the module to call (compiled and/or DDP-wrapped). Returns a dict of floats; "skipped"
+    is True when the gradient was not finite and nothing was updated.
+    """
+    sctd_step = is_sctd_step(cfg, step)
+    ddp = getattr(model, "_orig_mod", model)  # under torch.compile
+    totals = {}
+    for i, batch in enumerate(batches):
+        last = i == len(batches) - 1
+        # all-reduce the gradients once, on the last micro-batch
+        with (ddp.no_sync() if isinstance(ddp, DDP) and not last else nullcontext()):
+            with autocast:
+                loss, stats, token_losses = objective(model, router, batch, cfg, sctd_step)
+            scaler.scale(loss / len(batches)).backward()
+        router.observe(batch.input_ids, batch.mlm_targets.flatten(), token_losses.detach())
+        for name, value in dict(loss=loss, **stats).items():
+            totals[name] = totals.get(name, 0) + value.detach() / len(batches)
+    for group in opt.param_groups:
+        group["lr"] = lr_at(step, cfg)
+    scaler.unscale_(opt)
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip if cfg.clip > 0 else float("inf"))
+    out = dict(zip(totals, torch.stack(list(totals.values())).tolist()))  # one device sync per step
+    finite = math.isfinite(norm.item())  # gradients are all-reduced: every rank agrees
+    if finite or scaler.is_enabled():
+        scaler.step(opt)  # fp16: the GradScaler itself skips a non-finite step
+        scaler.update()
+    opt.zero_grad(set_to_none=True)
+    if finite:
+        router.update()
+    else:
+        router.reset()  # a non-finite loss must not reach the importance table either
+    return dict(out, grad_norm=norm.item(), skipped=not finite, mode="full" if cfg.mode == "full" else "sctd" if sctd_step else "drop")
+
+
+@torch.no_grad()
+def evaluate(model, router, val_batches, cfg, autocast):
+    """Full-sequence MLM loss and accuracy on fixed batches; for drop/sctd also the semantic drift."""
+    model.eval()
+    sums = {}
+    for batch in val_batches:
+        with autocast:
+            logits, *full = model(batch.input_ids, batch.mlm_positions)
+            loss, _ = mlm_loss(logits, batch.mlm_targets)
+            valid = batch.mlm_targets >= 0
+            result = dict(val_loss=loss.item(),
+                          val_acc=(logits.argmax(-1) == batch.mlm_targets)[valid].float().mean().item())
+            if cfg.mode != "full":
+                keep_idx = router.select(batch.input_ids, kept_count(cfg.keep, cfg.seq_len), batch.noise)
+                _, *drop = model(batch.input_ids, batch.mlm_positions, keep_idx)
+                result.update({f"drift_{k}": v for k, v in semantic_drift(full, drop).items()})
+        for k, v in result.items():
+            sums[k] = sums.get(k, 0.0) + v / len(val_batches)
+    model.train()
+    return sums
+
+
+def save_checkpoint(out_dir, state):
+    """Atomic: write a temp file, keep the previous checkpoint as ckpt_prev.pt, rename into ckpt.pt."""
+    path, tmp = os.path.join(out_dir, "ckpt.pt"), os.path.join(out_dir, "ckpt.pt.tmp")
+    torch.save(state, tmp)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    if os.path.exists(path):
+        os.replace(path, os.path.join(out_dir, "ckpt_prev.pt"))
+    os.replace(tmp, path)
+
+
+def load_checkpoint(out_dir):
+    """The newest checkpoint that loads; a damaged one is named and passed over for the previous."""
+    problems = []
+    for name in ("ckpt.pt", "ckpt_prev.pt"):
+        path = os.path.join(out_dir, name)
+        if not os.path.exists(path):
+            continue
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            if not {"model", "step", "config"} <= set(state):
+                raise ValueError("not a train.py checkpoint")
+        except Exception as e:
+            problems.append(f"{path} is unreadable ({str(e).splitlines()[0][:80]})")
+            print(f"warning: {problems[-1]}; trying the previous checkpoint", file=sys.stderr)
+            continue
+        return state
+    raise ValueError("; ".join(problems) if problems else
+                     f"--resume: no checkpoint in {out_dir}; train without --resume first, or pass the right --out_dir")
+
+
+class Stop:
+    """SIGINT/SIGTERM: finish the current step, save, and exit 0."""
+    requested = False
+
+    @classmethod
+    def install(cls):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: setattr(cls, "requested", True))
+
+
+def stop_requested(world, device):
+    """Whether any rank got SIGINT/SIGTERM: all ranks must stop after the same step."""
+    if world == 1:
+        return Stop.requested
+    flag = torch.tensor(float(Stop.requested), device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
+
+
+def setup(cfg):
+    """Process group (under torchrun), device, dtype. Returns (rank, world, device, autocast, dtype name)."""
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    if cfg.device == "auto":
+        cfg.device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu"
+    device = torch.device(cfg.device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    if world > 1:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if cfg.dtype == "auto":
+        cfg.dtype = "fp32" if device.type == "cpu" else "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if cfg.compile is None:
+        cfg.compile = device.type == "cuda"
+    dtype = dict(fp32=torch.float32, bf16=torch.bfloat16, fp16=torch.float16)[cfg.dtype]
+    autocast = nullcontext() if dtype == torch.float32 else torch.autocast(device.type, dtype=dtype)
+    return rank, world, device, autocast
+
+
+def build(cfg, device):
+    """The model, router, optimizer and loss scaler a config asks for."""
+    torch.manual_seed(cfg.seed)
+    model = Bert(BertConfig(**SIZES[cfg.size], dropout=cfg.dropout)).to(device)
+    router = Router(VOCAB_SIZE, SPECIAL_IDS, PAD, CLS, cfg.router, cfg.importance_beta).to(device)
+    decay = [p for p in model.parameters() if p.dim() >= 2]  # no decay on LayerNorm weights and biases
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([dict(params=decay, weight_decay=cfg.weight_decay), dict(params=no_decay, weight_decay=0.0)],
+                            lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, fused=device.type == "cuda")
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.dtype == "fp16")
+    return model, router, opt, scaler
+
+
+def example_ids(step, micro, cfg, rank, world):
+    """Global indices of this rank's examples: a step covers grad_accum * world * batch_size examples."""
+    start = ((step * cfg.grad_accum + micro) * world + rank) * cfg.batch_size
+    return np.arange(start, start + cfg.batch_size)
+
+
+def train(cfg):
+    check(cfg)
+    rank, world, device, autocast = setup(cfg)
+    cfg.batch_size = cfg.batch_size or max(1, 256 // world)
+    cfg.warmup = min(10_000, cfg.steps // 10) if cfg.warmup is None else cfg.warmup
+    cfg.lr = cfg.lr or {"base": 1e-4, "large": 1e-4, "small": 5e-4, "medium": 5e-4}.get(cfg.size, 1e-3)
+    master = rank == 0
+    if master:
+        print(json.dumps(asdict(cfg), indent=1))
+        prepare(cfg.data, cfg.data_config, cfg.cache_dir, cfg.max_tokens)
+    if world > 1:
+        dist.barrier()  # the other ranks read what rank 0 prepared
+    folder = cache_folder(cfg.data, cfg.data_config, cfg.cache_dir, cfg.max_tokens)
+    train_data = Batches(load_tokens(folder, "train"), cfg.seq_len, cfg.seed, device)
+    val_data = Batches(load_tokens(folder, "val"), cfg.seq_len, VAL_SEED, device)
+    rows_per_step = cfg.batch_size * cfg.grad_accum * world
+    if train_data.n_rows < rows_per_step or val_data.n_rows < 1:
+        raise ValueError(f"--data {cfg.data} has {train_data.n_rows} training rows of {cfg.seq_len} tokens, fewer than "
+                         f"one step's {rows_per_step} (or no validation row); use more text or a smaller --batch_size/--seq_len")
+    val_batches = [val_data.get(np.arange(i * cfg.batch_size, (i + 1) * cfg.batch_size)) for i in range(cfg.eval_iters)]
+
+    model, router, opt, scaler = build(cfg, device)
+    step = 0
+    if cfg.resume:
+        state = load_checkpoint(cfg.out_dir)
+        if state["config"]["size"] != cfg.size:
+            raise ValueError(f"--resume: the checkpoint in {cfg.out_dir} is --size {state['config']['size']}, not {cfg.size}")
+        model.load_state_dict(state["model"])
+        router.load_state_dict(state["router"])
+        opt.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        torch.set_rng_state(state["rng"][rank % len(state["rng"])])
+        step = state["step"]
+        if master:
+            print(f"resumed from step {step}")
+    else:
+        torch.manual_seed(cfg.seed + rank)  # dropout differs per rank; the weights above do not
+    fwd = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else model
+    fwd = torch.compile(fwd) if cfg.compile else fwd
+
+    def checkpoint(step):
+        rngs = [None] * world
+        if world > 1:
+            dist.all_gather_object(rngs, torch.get_rng_state())
+        else:
+            rngs = [torch.get_rng_state()]
+        if master:
+            save_checkpoint(cfg.out_dir, dict(model=model.state_dict(), router=router.state_dict(), optimizer=opt.state_dict(),
+                                              scaler=scaler.state_dict(), step=step, config=asdict(cfg),
+                                              model_config=asdict(model.cfg), rng=rngs,
+                                              examples_seen=step * rows_per_step))
+
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    log = open(os.path.join(cfg.out_dir, "log.jsonl"), "a") if master else None
+    Stop.install()
+    bad = 0
+    bar = tqdm(range(step, cfg.steps), initial=step, total=cfg.steps, disable=not master, dynamic_ncols=True)
+    for step in bar:
+        t0 = time.perf_counter()
+        batches = [train_data.get(example_ids(step, i, cfg, rank, world)) for i in range(cfg.grad_accum)]
+        out = train_step(fwd, router, opt, scaler, batches, cfg, step, autocast)
+        tokens_per_s = rows_per_step * cfg.seq_len / (time.perf_counter() - t0)
+        bad = bad + 1 if out["skipped"] else 0
+        if bad >= cfg.max_bad_steps:
+            raise ValueError(f"{bad} non-finite steps in a row (last: step {step}); the last good checkpoint is in "
+                             f"{cfg.out_dir}: lower --lr or raise --warmup, then --resume")
+        done = step + 1
+        record = dict(step=step, loss=out["loss"], lr=lr_at(step, cfg), tokens_per_s=round(tokens_per_s), mode=out["mode"])
+        record.update({k: out[k] for k in ("kl_local", "kl_global", "mlm_drop", "mlm_full") if k in out})
+        if out["skipped"]:
+            record["skipped"] = True
+        if done % cfg.eval_every == 0 or done == cfg.steps:
+            if master:
+                record.update(evaluate(model, router, val_batches, cfg, autocast))
+                bar.write(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()))
+        if master and (step % cfg.log_every == 0 or "val_loss" in record or out["mode"] == "sctd" or out["skipped"]):
+            log.write(json.dumps(record) + "\n")
+            log.flush()
+        bar.set_postfix(loss=f"{out['loss']:.3f}", lr=f"{record['lr']:.2e}", tok_s=f"{tokens_per_s:,.0f}")
+        stop = stop_requested(world, device)
+        if done % cfg.save_every == 0 or done == cfg.steps or stop:
+            checkpoint(done)
+        if stop:
+            if master:
+                print(f"stopped at step {done}; checkpoint saved in {cfg.out_dir}")
+            break
+    if world > 1:
+        dist.destroy_process_group()
+
+
+def main(argv=None):
+    cfg = parse_args(argv)
+    try:
+        train(cfg)
+    except ValueError as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()
