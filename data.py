@@ -15,6 +15,7 @@ import lzma
 import os
 import re
 import shutil
+import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -191,6 +192,7 @@ def prepare(data, config=DEFAULT_CONFIG, cache_dir="data_cache", max_tokens=None
     os.makedirs(tmp)
     _Counts.invalid_utf8_bytes = _Counts.empty_documents = 0
     counts, n_docs = {"train": 0, "val": 0}, 0
+    budget = max_tokens or sys.maxsize  # tokens per split
     files = {s: open(os.path.join(tmp, f"{s}.bin"), "wb") for s in counts}
     with tqdm(total=total, unit=unit, unit_scale=True, desc=f"tokenizing {data}") as bar:
         for name, docs in jobs:
@@ -202,11 +204,12 @@ def prepare(data, config=DEFAULT_CONFIG, cache_dir="data_cache", max_tokens=None
                     if last:  # <|endoftext|> between documents, not between pieces of one
                         ids.append(EOT)
                         n_docs += 1
+                    ids = ids[:budget - counts[split]]  # the cap is exact, even inside a long document
                     np.asarray(ids, dtype=np.uint16).tofile(files[split])
                     counts[split] += len(ids)
                     bar.update(progress - done)
                     done = progress
-                if max_tokens and counts[name] >= max_tokens:
+                if counts[name] >= budget:
                     break
     for f in files.values():
         f.close()

@@ -3,10 +3,14 @@ The method, as tests. CPU, offline, tiny sizes: `pytest -q test_all.py`.
 Needs the gpt2 BPE offline: TIKTOKEN_CACHE_DIR=../shared/data/tiktoken_cache (set below if unset).
 """
 import json
+import math
 import os
+import random
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -335,3 +339,179 @@ def test_empty_corpus_and_offline_hub(tmp_path):
     code, err = run_cli("train.py", "--size", "tiny", "--data", "nobody/no-such-dataset", "--cache_dir", str(tmp_path),
                         env=dict(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1"))
     assert code != 0 and one_line_error(err, "offline", "--data"), err
+
+
+# ------------------------------------------------------------------------------------------------
+# Reliability: kills, signals, damaged checkpoints, non-finite losses
+
+def last_per_step(log):
+    """A resumed run logs some steps twice; the later line is the one that counts."""
+    return {r["step"]: r for r in log}
+
+
+def train_cmd(out_dir, cache, *args):
+    return ["train.py", "--size", "tiny", "--data", CORPUS, "--cache_dir", cache, "--out_dir", str(out_dir),
+            "--seq_len", "32", "--batch_size", "4", "--log_every", "1", "--eval_every", "1000", "--lr", "1e-3",
+            *map(str, args)]
+
+
+def start_and_wait(cmd, log_path, lines):
+    """Starts an entry point and waits until its log has `lines` lines."""
+    p = subprocess.Popen([sys.executable, *cmd], cwd=HERE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    while not (os.path.exists(log_path) and sum(1 for _ in open(log_path)) >= lines):
+        assert p.poll() is None, p.stderr.read()
+        time.sleep(0.05)
+    return p
+
+
+def test_sigkill_then_resume_gives_the_uninterrupted_curve(cache, tmp_path):
+    args = ["--steps", 24, "--save_every", 1]
+    whole = run_train(tmp_path / "whole", cache, *args)
+    p = start_and_wait(train_cmd(tmp_path / "killed", cache, *args), tmp_path / "killed" / "log.jsonl", 5)
+    time.sleep(random.uniform(0, 0.3))  # anywhere in a step, checkpoint writes included
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    resumed = run_train(tmp_path / "killed", cache, *args, "--resume")
+    got = last_per_step(resumed)
+    assert sorted(got) == list(range(24))
+    for r in whole:
+        assert abs(got[r["step"]]["loss"] - r["loss"]) < 1e-5, r["step"]
+
+
+def test_sigterm_saves_and_exits_zero(cache, tmp_path):
+    p = start_and_wait(train_cmd(tmp_path, cache, "--steps", 1000), tmp_path / "log.jsonl", 3)
+    p.send_signal(signal.SIGTERM)
+    assert p.wait(timeout=60) == 0
+    state = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    assert state["step"] == len(open(tmp_path / "log.jsonl").readlines()) < 1000
+
+
+def test_damaged_checkpoint_is_refused_and_the_previous_kept(cache, tmp_path, capsys):
+    run_train(tmp_path, cache, "--steps", 6, "--save_every", 3)
+    ckpt, prev = tmp_path / "ckpt.pt", tmp_path / "ckpt_prev.pt"
+    ckpt.write_bytes(ckpt.read_bytes()[:1000])  # truncated, as by a full disk
+    log = run_train(tmp_path, cache, "--steps", 8, "--save_every", 3, "--resume")
+    assert "ckpt.pt is unreadable" in capsys.readouterr().err
+    assert [r["step"] for r in log[6:]] == [3, 4, 5, 6, 7]  # resumed from the step-3 checkpoint
+    assert (tmp_path / "ckpt.pt.bad").exists()  # set aside, so it never replaces a good one
+    assert torch.load(ckpt, weights_only=True)["step"] == 8 and torch.load(prev, weights_only=True)["step"] == 6
+    for f in (ckpt, prev):
+        f.write_text("not a checkpoint")
+    with pytest.raises(SystemExit) as e:
+        run_train(tmp_path, cache, "--steps", 8, "--resume")
+    assert "--resume" in str(e.value.code) and "unreadable" in str(e.value.code)
+
+
+def nan_objective(bad_calls):
+    """train.objective, with a NaN loss on the given calls (0-based)."""
+    calls, objective = [], train.objective
+
+    def poisoned(*args):
+        loss, stats, token_losses = objective(*args)
+        calls.append(None)
+        return (loss * float("nan"), stats, token_losses * float("nan")) if len(calls) - 1 in bad_calls else \
+            (loss, stats, token_losses)
+    return poisoned
+
+
+def test_nan_loss_never_reaches_the_weights(cache, tmp_path, monkeypatch):
+    monkeypatch.setattr(train, "objective", nan_objective({3}))
+    log = run_train(tmp_path, cache, "--mode", "drop", "--steps", 8, "--save_every", 100)
+    assert [r["step"] for r in log if r.get("skipped")] == [3]
+    assert all(math.isfinite(r["loss"]) for r in log if r["step"] != 3)
+    state = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    assert all(torch.isfinite(v).all() for v in state["model"].values())
+    assert not state["router"]["importance"].isnan().any()
+
+
+def test_too_many_bad_steps_stop_the_run(cache, tmp_path, monkeypatch):
+    monkeypatch.setattr(train, "objective", nan_objective(set(range(4, 100))))
+    with pytest.raises(SystemExit) as e:
+        run_train(tmp_path, cache, "--steps", 50, "--save_every", 2, "--max_bad_steps", 3)
+    assert "step 6" in str(e.value.code) and str(tmp_path) in str(e.value.code)
+    assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["step"] == 6  # the last good state: 4 real updates
+    assert torch.load(tmp_path / "ckpt_prev.pt", weights_only=True)["step"] == 4
+
+
+# ------------------------------------------------------------------------------------------------
+# DDP is exactly data parallelism
+
+DDP_DRIVER = """
+import os, sys, torch
+sys.path.insert(0, {here!r})
+import dropping, train
+update = dropping.Router.update
+def update_and_dump(self):  # each rank writes its table after every update
+    update(self)
+    torch.save(self.importance, os.path.join({out!r}, "router_rank" + os.environ["RANK"] + ".pt"))
+dropping.Router.update = update_and_dump
+train.main(sys.argv[1:])
+"""
+
+
+@pytest.mark.parametrize("mode", ["full", "drop", "sctd"])
+def test_ddp_equals_one_process_with_the_whole_batch(cache, tmp_path, mode):
+    args = ["--mode", mode, "--steps", 10, "--dropout", 0, "--sctd_interval", 3]
+    (tmp_path / "ddp").mkdir()
+    driver = tmp_path / "driver.py"
+    driver.write_text(DDP_DRIVER.format(here=HERE, out=str(tmp_path / "ddp")))
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        str(driver), *train_cmd(tmp_path / "ddp", cache, *args)[1:]],
+                       cwd=HERE, capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert p.returncode == 0, p.stderr[-3000:]
+    single = run_train(tmp_path / "one", cache, *args, "--batch_size", 8)
+    ddp = [json.loads(line) for line in open(tmp_path / "ddp" / "log.jsonl")]
+    assert len(ddp) == len(single) == 10
+    for a, b in zip(ddp, single):
+        assert abs(a["loss"] - b["loss"]) < 1e-5
+    wa = torch.load(tmp_path / "ddp" / "ckpt.pt", weights_only=True)
+    wb = torch.load(tmp_path / "one" / "ckpt.pt", weights_only=True)
+    assert max((wa["model"][k] - wb["model"][k]).abs().max().item() for k in wa["model"]) < 1e-5
+    tables = [torch.load(tmp_path / "ddp" / f"router_rank{r}.pt") for r in (0, 1)]
+    assert torch.equal(tables[0], tables[1])  # bit-identical across ranks
+    if mode == "drop":  # and one process with grad_accum 2 over the same examples
+        accum = run_train(tmp_path / "accum", cache, *args, "--grad_accum", 2)
+        assert all(abs(a["loss"] - b["loss"]) < 1e-5 for a, b in zip(accum, single))
+
+
+# ------------------------------------------------------------------------------------------------
+# Odd data
+
+def test_odd_text_is_counted_not_fatal(tmp_path):
+    corpus = tmp_path / "odd.txt"
+    docs = [b"First document, plain.", b"Bad bytes \xff\xfe here and \xc3 there.", b"Third " * 400]
+    corpus.write_bytes(b"\n\n\n".join(docs) + b"\n")
+    folder = data.prepare(str(corpus), cache_dir=str(tmp_path / "cache"))
+    meta = json.load(open(os.path.join(folder, "meta.json")))
+    assert meta["invalid_utf8_bytes"] == 3 and meta["documents"] == 3
+    assert meta["val_tokens"] == len(data.get_encoding().encode_ordinary(docs[0].decode() + "\n")) + 1  # 1st doc + EOT
+    jsonl = tmp_path / "odd.jsonl"
+    jsonl.write_text("\n".join(json.dumps({"text": t}) for t in ["one", "", "  ", "two " * 5000, "three"]))
+    folder = data.prepare(str(jsonl), cache_dir=str(tmp_path / "cache"), max_tokens=100)
+    meta = json.load(open(os.path.join(folder, "meta.json")))
+    assert meta["empty_documents"] == 2 and meta["train_tokens"] == 100  # a document longer than the budget: cut
+
+
+def test_interrupted_preparation_leaves_no_cache(tmp_path, monkeypatch):
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("\n\n".join(f"document number {i}" for i in range(300)))
+    chunks = data._chunks
+    monkeypatch.setattr(data, "_chunks", lambda docs: (c if i == 0 else 1 / 0 for i, c in enumerate(chunks(docs, 100))))
+    with pytest.raises(ZeroDivisionError):
+        data.prepare(str(corpus), cache_dir=str(tmp_path / "cache"))
+    folder = data.cache_folder(str(corpus), None, str(tmp_path / "cache"), None)
+    assert not os.path.exists(folder)  # only folder.tmp, which the next run replaces
+    monkeypatch.setattr(data, "_chunks", chunks)
+    assert json.load(open(os.path.join(data.prepare(str(corpus), cache_dir=str(tmp_path / "cache")), "meta.json")))["documents"] == 300
+
+
+def test_truncated_token_file_and_tiny_corpus_are_refused(cache, tmp_path):
+    small = tmp_path / "small.txt"
+    small.write_text("\n\n".join(["a few words"] * 3 + ["more words here " * 10]))
+    code, err = run_cli(*train_cmd(tmp_path / "o", str(tmp_path / "cache"), "--data", small, "--steps", 2))
+    assert code != 0 and one_line_error(err, "--batch_size"), err
+    folder = data.prepare(CORPUS, cache_dir=str(tmp_path / "cache2"))
+    with open(os.path.join(folder, "train.bin"), "r+b") as f:
+        f.truncate(1000)  # as if killed mid-write
+    code, err = run_cli(*train_cmd(tmp_path / "o", str(tmp_path / "cache2"), "--steps", 2))
+    assert code != 0 and one_line_error(err, "truncated", folder), err

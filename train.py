@@ -75,6 +75,8 @@ class TrainConfig:
     save_every: int = arg(1000, "steps between checkpoints (and at the end)")
     resume: bool = arg(False, "continue from the checkpoint in --out_dir", action="store_true")
     max_bad_steps: int = arg(10, "stop after this many non-finite steps in a row")
+    prepare_only: bool = arg(False, "tokenize --data into --cache_dir and exit (e.g. once, before a multi-node run)",
+                             action="store_true")
 
 
 class _OneLineParser(argparse.ArgumentParser):
@@ -169,7 +171,11 @@ def train_step(model, router, opt, scaler, batches, cfg, step, autocast):
         group["lr"] = lr_at(step, cfg)
     scaler.unscale_(opt)
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip if cfg.clip > 0 else float("inf"))
-    out = dict(zip(totals, torch.stack(list(totals.values())).tolist()))  # one device sync per step
+    logged = torch.stack(list(totals.values()))
+    if dist.is_initialized():  # log the global batch's loss, not this rank's share
+        dist.all_reduce(logged)
+        logged /= dist.get_world_size()
+    out = dict(zip(totals, logged.tolist()))  # one device sync per step
     finite = math.isfinite(norm.item())  # gradients are all-reduced: every rank agrees
     if finite or scaler.is_enabled():
         scaler.step(opt)  # fp16: the GradScaler itself skips a non-finite step
@@ -215,8 +221,11 @@ def save_checkpoint(out_dir, state):
     os.replace(tmp, path)
 
 
-def load_checkpoint(out_dir):
-    """The newest checkpoint that loads; a damaged one is named and passed over for the previous."""
+def load_checkpoint(out_dir, master=True):
+    """
+    The newest checkpoint that loads. A damaged one is named, set aside as *.bad (by rank 0, so that
+    the next save does not rotate it over the good previous one) and passed over for the previous.
+    """
     problems = []
     for name in ("ckpt.pt", "ckpt_prev.pt"):
         path = os.path.join(out_dir, name)
@@ -226,13 +235,14 @@ def load_checkpoint(out_dir):
             state = torch.load(path, map_location="cpu", weights_only=True)
             if not {"model", "step", "config"} <= set(state):
                 raise ValueError("not a train.py checkpoint")
+            return state
         except Exception as e:
             problems.append(f"{path} is unreadable ({str(e).splitlines()[0][:80]})")
-            print(f"warning: {problems[-1]}; trying the previous checkpoint", file=sys.stderr)
-            continue
-        return state
-    raise ValueError("; ".join(problems) if problems else
-                     f"--resume: no checkpoint in {out_dir}; train without --resume first, or pass the right --out_dir")
+            print(f"warning: {problems[-1]}; set aside as {name}.bad, trying the previous checkpoint", file=sys.stderr)
+            if master:
+                os.replace(path, path + ".bad")
+    raise ValueError("--resume: " + ("; ".join(problems) if problems else
+                     f"no checkpoint in {out_dir}; train without --resume first, or pass the right --out_dir"))
 
 
 class Stop:
@@ -241,6 +251,7 @@ class Stop:
 
     @classmethod
     def install(cls):
+        cls.requested = False
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: setattr(cls, "requested", True))
 
@@ -306,6 +317,9 @@ def train(cfg):
     if world > 1:
         dist.barrier()  # the other ranks read what rank 0 prepared
     folder = cache_folder(cfg.data, cfg.data_config, cfg.cache_dir, cfg.max_tokens)
+    if cfg.prepare_only:
+        print(f"prepared {folder}")
+        return
     train_data = Batches(load_tokens(folder, "train"), cfg.seq_len, cfg.seed, device)
     val_data = Batches(load_tokens(folder, "val"), cfg.seq_len, VAL_SEED, device)
     rows_per_step = cfg.batch_size * cfg.grad_accum * world
@@ -317,7 +331,7 @@ def train(cfg):
     model, router, opt, scaler = build(cfg, device)
     step = 0
     if cfg.resume:
-        state = load_checkpoint(cfg.out_dir)
+        state = load_checkpoint(cfg.out_dir, master)
         if state["config"]["size"] != cfg.size:
             raise ValueError(f"--resume: the checkpoint in {cfg.out_dir} is --size {state['config']['size']}, not {cfg.size}")
         model.load_state_dict(state["model"])
