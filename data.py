@@ -19,6 +19,7 @@ import sys
 from dataclasses import dataclass
 
 import numpy as np
+import tiktoken
 import torch
 from tqdm import tqdm
 
@@ -35,7 +36,6 @@ ARCHIVE_EXTS = ("", ".xz", ".gz")
 
 def get_encoding():
     """The gpt2 BPE; fails in one sentence when it cannot be loaded (offline, no cache)."""
-    import tiktoken
     try:
         return tiktoken.get_encoding("gpt2")
     except Exception as e:

@@ -20,6 +20,7 @@ SHARED = os.path.join(HERE, "..", "shared", "data")
 CORPUS = os.path.join(SHARED, "corpus", "enwiki_small_train.jsonl.xz")
 os.environ.setdefault("TIKTOKEN_CACHE_DIR", os.path.join(SHARED, "tiktoken_cache"))
 
+import bench  # noqa: E402
 import data  # noqa: E402
 import train  # noqa: E402
 from dropping import FIRST, LAST, Router, layer_schedule  # noqa: E402
@@ -515,3 +516,22 @@ def test_truncated_token_file_and_tiny_corpus_are_refused(cache, tmp_path):
         f.truncate(1000)  # as if killed mid-write
     code, err = run_cli(*train_cmd(tmp_path / "o", str(tmp_path / "cache2"), "--steps", 2))
     assert code != 0 and one_line_error(err, "truncated", folder), err
+
+
+# ------------------------------------------------------------------------------------------------
+# bench.py (no timing assertions: speed is bench.py's output, not a test's)
+
+def test_bench_smoke():
+    rows = bench.benchmark(bench.parse_args(["--sizes", "tiny", "--seq_lens", "32", "--batch_size", "2",
+                                             "--steps", "2", "--warmup", "1"]))
+    assert [r["mode"] for r in rows] == ["full", "drop", "sctd_step", "sctd_hybrid"]
+    fields = {"size", "seq_len", "batch_size", "keep", "mode", "ms_per_step", "spread", "tokens_per_s", "speedup",
+              "flops_speedup", "tflops", "mfu", "step_gb"}  # mfu, step_gb: None on CPU
+    for r in rows:
+        assert set(r) == fields and r["ms_per_step"] > 0 and r["tokens_per_s"] > 0 and r["tflops"] > 0
+    full, drop, sctd, hybrid = rows
+    assert full["speedup"] == full["flops_speedup"] == 1
+    assert drop["flops_speedup"] > 1 > sctd["flops_speedup"]  # a ScTD step adds a full pass to the dropped one
+    assert drop["flops_speedup"] > hybrid["flops_speedup"] > sctd["flops_speedup"]
+    code, err = run_cli("bench.py", "--keep", "1.5")
+    assert code != 0 and one_line_error(err, "--keep"), err

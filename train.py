@@ -164,7 +164,8 @@ def train_step(model, router, opt, scaler, batches, cfg, step, autocast):
             with autocast:
                 loss, stats, token_losses = objective(model, router, batch, cfg, sctd_step)
             scaler.scale(loss / len(batches)).backward()
-        router.observe(batch.input_ids, batch.mlm_targets.flatten(), token_losses.detach())
+        if cfg.mode != "full":
+            router.observe(batch.input_ids, batch.mlm_targets.flatten(), token_losses.detach())
         for name, value in dict(loss=loss, **stats).items():
             totals[name] = totals.get(name, 0) + value.detach() / len(batches)
     for group in opt.param_groups:
@@ -181,11 +182,12 @@ def train_step(model, router, opt, scaler, batches, cfg, step, autocast):
         scaler.step(opt)  # fp16: the GradScaler itself skips a non-finite step
         scaler.update()
     opt.zero_grad(set_to_none=True)
-    if finite:
+    if finite and cfg.mode != "full":
         router.update()
     else:
         router.reset()  # a non-finite loss must not reach the importance table either
-    return dict(out, grad_norm=norm.item(), skipped=not finite, mode="full" if cfg.mode == "full" else "sctd" if sctd_step else "drop")
+    mode = "sctd" if sctd_step else "drop" if cfg.mode == "sctd" else cfg.mode
+    return dict(out, grad_norm=norm.item(), skipped=not finite, mode=mode)
 
 
 @torch.no_grad()
@@ -290,12 +292,16 @@ def build(cfg, device):
     torch.manual_seed(cfg.seed)
     model = Bert(BertConfig(**SIZES[cfg.size], dropout=cfg.dropout)).to(device)
     router = Router(VOCAB_SIZE, SPECIAL_IDS, PAD, CLS, cfg.router, cfg.importance_beta).to(device)
-    decay = [p for p in model.parameters() if p.dim() >= 2]  # no decay on LayerNorm weights and biases
+    return (model, router, *optimizer(model, cfg, device))
+
+
+def optimizer(model, cfg, device):
+    """AdamW with no decay on LayerNorm weights and biases, and the fp16 loss scaler (bench.py's peer uses them too)."""
+    decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([dict(params=decay, weight_decay=cfg.weight_decay), dict(params=no_decay, weight_decay=0.0)],
                             lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, fused=device.type == "cuda")
-    scaler = torch.amp.GradScaler(device.type, enabled=cfg.dtype == "fp16")
-    return model, router, opt, scaler
+    return opt, torch.amp.GradScaler(device.type, enabled=cfg.dtype == "fp16")
 
 
 def example_ids(step, micro, cfg, rank, world):
