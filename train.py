@@ -344,7 +344,10 @@ def train(cfg):
         router.load_state_dict(state["router"])
         opt.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
-        torch.set_rng_state(state["rng"][rank % len(state["rng"])])
+        rng = state["rng"][rank % len(state["rng"])]
+        torch.set_rng_state(rng["cpu"])
+        if rng["cuda"] is not None and device.type == "cuda":
+            torch.cuda.set_rng_state(rng["cuda"], device)
         step = state["step"]
         if master:
             print(f"resumed from step {step}")
@@ -354,11 +357,11 @@ def train(cfg):
     fwd = torch.compile(fwd) if cfg.compile else fwd
 
     def checkpoint(step):
-        rngs = [None] * world
+        rng = dict(cpu=torch.get_rng_state(), cuda=torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
+        rngs = [rng]  # dropout's generator state, one per rank
         if world > 1:
-            dist.all_gather_object(rngs, torch.get_rng_state())
-        else:
-            rngs = [torch.get_rng_state()]
+            rngs = [None] * world
+            dist.all_gather_object(rngs, rng)
         if master:
             save_checkpoint(cfg.out_dir, dict(model=model.state_dict(), router=router.state_dict(), optimizer=opt.state_dict(),
                                               scaler=scaler.state_dict(), step=step, config=asdict(cfg),
@@ -399,6 +402,8 @@ def train(cfg):
             if master:
                 print(f"stopped at step {done}; checkpoint saved in {cfg.out_dir}")
             break
+    if master:
+        log.close()
     if world > 1:
         dist.destroy_process_group()
 
