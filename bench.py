@@ -36,7 +36,7 @@ GPU_BATCHES = (64, 32, 16, 8)  # the default batch on a GPU: the largest of thes
 
 
 def parse_args(argv=None):
-    p = train._OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = train.OneLineParser(description=__doc__)
     p.add_argument("--sizes", nargs="+", choices=list(SIZES), help="model sizes (default: base on GPU, mini on CPU)")
     p.add_argument("--seq_lens", nargs="+", type=int, help="tokens per row, 8..512 (default: 512 on GPU, 128 on CPU)")
     p.add_argument("--batch_size", type=int, help="rows per step (default: the largest of 64/32/16/8 that fits on GPU, 16 on CPU)")

@@ -11,7 +11,9 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import asdict
 
+import numpy as np
 import pytest
 import torch
 
@@ -22,6 +24,7 @@ os.environ.setdefault("TIKTOKEN_CACHE_DIR", os.path.join(SHARED, "tiktoken_cache
 
 import bench  # noqa: E402
 import data  # noqa: E402
+import finetune  # noqa: E402
 import train  # noqa: E402
 from dropping import FIRST, LAST, Router, layer_schedule  # noqa: E402
 from loss import cls_kl, mlm_loss, sctd_loss  # noqa: E402
@@ -536,3 +539,209 @@ def test_bench_smoke():
     assert drop["flops_speedup"] > hybrid["flops_speedup"] > sctd["flops_speedup"]
     code, err = run_cli("bench.py", "--keep", "1.5")
     assert code != 0 and one_line_error(err, "--keep"), err
+
+
+# ------------------------------------------------------------------------------------------------
+# Fine-tuning: metrics against hand-computed values
+
+def test_binary_metrics_hand_computed():
+    pred = np.array([1, 1, 1, 0, 0, 1, 0, 0])
+    gold = np.array([1, 1, 0, 0, 1, 0, 0, 0])  # TP 2, FP 2, FN 1, TN 3
+    assert finetune.accuracy(pred, gold) == pytest.approx(100 * 5 / 8)
+    assert finetune.f1(pred, gold) == pytest.approx(100 * 4 / 7)  # 2TP / (2TP + FP + FN)
+    assert finetune.mcc(pred, gold) == pytest.approx(100 * (2 * 3 - 2 * 1) / np.sqrt(4 * 3 * 5 * 4))
+    assert finetune.mcc(np.ones(8), gold) == 0.0  # one class predicted: no correlation, not NaN
+    assert finetune.mcc(gold, gold) == pytest.approx(100.0) and finetune.mcc(1 - gold, gold) == pytest.approx(-100.0)
+
+
+def test_macro_f1_hand_computed():
+    pred, gold = np.array([0, 1, 2, 2, 0]), np.array([0, 1, 1, 2, 2])
+    # per class F1: 0: 2/3 (TP 1, FP 1); 1: 2/3 (TP 1, FN 1); 2: 1/2 (TP 1, FP 1, FN 1)
+    assert finetune.macro_f1(pred, gold) == pytest.approx(100 * (2 / 3 + 2 / 3 + 1 / 2) / 3)
+
+
+def test_correlations_hand_computed():
+    x, y = np.array([1.0, 2, 3, 4]), np.array([2.0, 4, 5, 9])
+    assert finetune.pearson(x, y) == pytest.approx(100 * 11 / np.sqrt(5 * 26))
+    assert finetune.pearson(x, np.full(4, 3.0)) == 0.0  # a constant prediction, not NaN
+    assert finetune.ranks(np.array([10, 20, 20, 30])).tolist() == [1, 2.5, 2.5, 4]  # ties share their mean rank
+    # ranks [1, 2.5, 2.5, 4] vs [1, 3, 2, 4]: r = 4.5 / sqrt(4.5 * 5)
+    assert finetune.spearman(np.array([10, 20, 20, 30]), np.array([1, 3, 2, 4])) == pytest.approx(100 * 4.5 / np.sqrt(22.5))
+    assert finetune.spearman(np.array([1, 2, 3]), np.array([1, 10, 100])) == pytest.approx(100.0)  # monotone
+
+
+def test_summary_keeps_the_lr_with_the_best_median():
+    runs = [dict(lr=1e-4, seed=s, scores=dict(f1=f, acc=a)) for s, f, a in [(0, 80, 70), (1, 90, 60), (2, 50, 50)]]
+    runs += [dict(lr=5e-5, seed=s, scores=dict(f1=f, acc=a)) for s, f, a in [(0, 78, 70), (1, 76, 70), (2, 10, 10)]]
+    r = finetune.summarize(runs)  # median of the mean score: 1e-4 -> 75, 5e-5 -> 73
+    assert r["lr"] == 1e-4 and r["seeds"] == 3
+    assert r["median"] == dict(f1=80, acc=60) and r["spread"] == dict(f1=[50, 90], acc=[50, 70])
+
+
+# ------------------------------------------------------------------------------------------------
+# Readers: the shared files parse into the counts of SOURCES.md and the right label sets
+
+BINARY, NLI3 = {0, 1}, {0, 1, 2}
+READERS = [  # task, split, rows, labels, texts per pair (1: single sentence, 2: a pair)
+    ("cola", "train", 8551, BINARY, 1), ("cola", "dev", 1043, BINARY, 1),
+    ("sst2", "train", 67349, BINARY, 1), ("sst2", "dev", 872, BINARY, 1),
+    ("mrpc", "train", 3668, BINARY, 2), ("mrpc", "dev", 408, BINARY, 2),
+    ("stsb", "train", 5749, None, 2), ("stsb", "dev", 1500, None, 2),
+    ("qnli", "dev", 5463, BINARY, 2),
+    ("rte", "train", 2490, BINARY, 2), ("rte", "dev", 277, BINARY, 2),
+    ("wnli", "train", 635, BINARY, 2), ("wnli", "dev", 71, BINARY, 2),
+    ("boolq", "dev", 3270, BINARY, 2),
+    ("cb", "train", 250, NLI3, 2), ("cb", "dev", 56, NLI3, 2),
+    ("copa", "train", 400, BINARY, 2), ("copa", "dev", 100, BINARY, 2),
+    ("wic", "train", 5428, BINARY, 2), ("wic", "dev", 638, BINARY, 2),
+    ("sg_rte", "train", 2490, BINARY, 2), ("sg_rte", "dev", 277, BINARY, 2),
+]
+
+
+@pytest.mark.parametrize("name,split,rows,labels,texts", READERS)
+def test_reader_counts_and_labels(name, split, rows, labels, texts):
+    task = finetune.TASKS[name]
+    examples = finetune.read_split(task, SHARED, split)
+    assert len(examples) == rows
+    assert all(len(pairs) == task.choices for pairs, _ in examples)
+    assert all(isinstance(a, str) and (b is None) == (texts == 1) for pairs, _ in examples for a, b in pairs)
+    gold = [label for _, label in examples]
+    if labels is None:  # STS-B: similarity scores from 0 to 5
+        assert min(gold) == 0.0 and max(gold) == 5.0 and len(set(gold)) > 50
+    else:
+        assert set(gold) == labels
+
+
+def test_reader_finds_tasks_from_either_folder():
+    glue, superglue = os.path.join(SHARED, "glue"), os.path.join(SHARED, "superglue")
+    assert len(finetune.read_split(finetune.TASKS["rte"], glue, "dev")) == 277
+    assert len(finetune.read_split(finetune.TASKS["sg_rte"], superglue, "dev")) == 277
+    with pytest.raises(ValueError, match="--data_dir .* no RTE/dev.tsv"):  # GLUE RTE is not in superglue/
+        finetune.read_split(finetune.TASKS["rte"], superglue, "dev")
+
+
+def test_a_file_of_another_format_fails_in_words(tmp_path):
+    (tmp_path / "SST-2").mkdir()
+    (tmp_path / "SST-2" / "dev.tsv").write_text("sentence\tlabel\na fine film\tpositive\n")
+    with pytest.raises(ValueError, match="row 1 is not sst2 data"):
+        finetune.read_split(finetune.TASKS["sst2"], str(tmp_path), "dev")
+
+
+@pytest.mark.parametrize("name", ["qnli", "qqp", "mnli", "boolq"])
+def test_missing_split_fails_in_words(name):
+    with pytest.raises(ValueError, match="--data_dir"):
+        finetune.read_task(finetune.TASKS[name], SHARED, None)
+
+
+def test_task_lists():
+    assert finetune.task_names("glue") == ["cola", "sst2", "mrpc", "stsb", "qqp", "mnli", "qnli", "rte", "wnli"]
+    assert finetune.task_names("superglue") == ["boolq", "cb", "copa", "wic", "sg_rte"]
+    assert finetune.task_names("sst2, SuperGLUE,cb") == ["sst2", "boolq", "cb", "copa", "wic", "sg_rte"]
+
+
+# ------------------------------------------------------------------------------------------------
+# Inputs: [CLS] a [SEP] b [SEP], token types, truncation, dynamic padding
+
+def test_pair_encoding_truncates_the_longer_text():
+    enc = data.get_encoding()
+    a, b = " one two three four five six", " seven eight"
+    ids, types = finetune.encode_pair(enc, a, b, max_len=8)  # room for 5 text tokens: a loses 3
+    A, B = enc.encode_ordinary(a), enc.encode_ordinary(b)
+    assert ids == [data.CLS] + A[:3] + [data.SEP] + B + [data.SEP]
+    assert types == [0] * 5 + [1] * 3
+    ids, types = finetune.encode_pair(enc, a, None, max_len=5)
+    assert ids == [data.CLS] + A[:3] + [data.SEP] and types == [0] * 5
+
+
+def test_collate_pads_to_the_longest_row():
+    examples = [([([1, 2, 3], [0, 0, 0]), ([4, 5], [0, 1])], 1), ([([6], [0]), ([7, 8, 9, 10], [0, 0, 1, 1])], 0)]
+    ids, types, mask, labels = finetune.collate(examples, "cpu")
+    assert ids.shape == types.shape == mask.shape == (4, 4)  # B * choices rows, T = the longest
+    assert ids[1].tolist() == [4, 5, data.PAD, data.PAD] and types[3].tolist() == [0, 0, 1, 1]
+    assert mask.sum(1).tolist() == [3, 2, 1, 4] and labels.tolist() == [1, 0]
+
+
+def test_training_batches_cover_every_example_once_with_similar_lengths():
+    lengths = np.random.default_rng(0).integers(3, 128, 5000)
+    examples = [([([0] * n, [0] * n)], 0) for n in lengths]
+    batches = finetune.length_batches(examples, 32, np.random.default_rng(1))
+    assert sorted(np.concatenate(batches).tolist()) == list(range(5000)) and len(batches) == 157
+    padded = sum(len(b) * lengths[b].max() for b in batches)
+    assert padded < 1.1 * lengths.sum()  # random batches would pad to ~1.9x
+    longest = [lengths[b].max() for b in batches]
+    assert longest != sorted(longest)  # the batches come in random order, not short to long
+
+
+# ------------------------------------------------------------------------------------------------
+# End to end: a tiny checkpoint fine-tunes on a single-sentence and a pair task
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory):
+    """A checkpoint in train.py's format, of an untrained tiny BERT."""
+    path = tmp_path_factory.mktemp("ckpt") / "ckpt.pt"
+    cfg = BertConfig(**SIZES["tiny"])
+    torch.manual_seed(0)
+    torch.save(dict(model=Bert(cfg).state_dict(), model_config=asdict(cfg), config=dict(size="tiny", mode="drop"),
+                    step=7), path)
+    return str(path)
+
+
+def test_finetune_end_to_end(tiny_ckpt, tmp_path):
+    out = tmp_path / "scores.json"
+    argv = ["--ckpt", tiny_ckpt, "--task", "sst2,rte", "--data_dir", SHARED, "--max_train", "32", "--epochs", "1",
+            "--batch_size", "16", "--max_len", "64", "--lr", "1e-4,1e-3", "--json", str(out)]
+    # in a fresh process: fine-tuning from local files must not even import `datasets`
+    code = f"import sys, finetune; finetune.main({argv!r}); assert 'datasets' not in sys.modules"
+    p = subprocess.run([sys.executable, "-c", code], cwd=HERE, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    assert "| sst2 | acc |" in p.stdout and "| rte | acc |" in p.stdout
+    results = json.loads(out.read_text())
+    assert "step 7" in results["init"]
+    for name in ("sst2", "rte"):
+        r = results["results"][name]
+        assert r["lr"] in (1e-4, 1e-3) and len(r["runs"]) == 2 and 0 <= r["median"]["acc"] <= 100
+
+
+def test_random_init_keeps_the_architecture_not_the_weights(tiny_ckpt):
+    args = finetune.parse_args(["--task", "sst2", "--ckpt", tiny_ckpt])
+    trained = finetune.load_init(args)
+    assert trained.model_config["n_embd"] == 128 and trained.state is not None
+    args = finetune.parse_args(["--task", "sst2", "--ckpt", tiny_ckpt, "--init", "random"])
+    random = finetune.load_init(args)
+    assert random.model_config == trained.model_config and random.state is None
+
+
+# ------------------------------------------------------------------------------------------------
+# Bad input: one line, naming the flag, non-zero exit
+
+@pytest.fixture(scope="module")
+def bad_ckpts(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("bad")
+    (folder / "text.pt").write_text("not a checkpoint")
+    torch.save({"weights": torch.zeros(2)}, folder / "foreign.pt")
+    cfg = BertConfig(**dict(SIZES["tiny"], n_layer=1), vocab_size=1024)
+    torch.save(dict(model=Bert(cfg).state_dict(), model_config=asdict(cfg)), folder / "vocab.pt")
+    return folder
+
+
+BAD_INPUT = [
+    (["--task", "sst3"], "--task"),
+    (["--task", "sst2", "--init", "random", "--data_dir", "/no/such/folder"], "--data_dir"),
+    (["--task", "qnli", "--init", "random"], "--data_dir"),  # QNLI's train split is not in the shared data
+    (["--task", "sst2", "--ckpt", "/no/such/ckpt.pt"], "--ckpt"),
+    (["--task", "sst2", "--ckpt", "{bad}/text.pt"], "--ckpt"),
+    (["--task", "sst2", "--ckpt", "{bad}/foreign.pt"], "--ckpt"),
+    (["--task", "sst2", "--ckpt", "{bad}/vocab.pt"], "vocabulary"),
+    (["--task", "sst2", "--init", "random", "--max_len", "1024"], "--max_len"),
+    (["--task", "sst2", "--init", "random", "--lr", "fast"], "--lr"),
+    (["--task", "sst2", "--init", "random", "--size", "huge"], "--size"),
+]
+
+
+@pytest.mark.parametrize("args,flag", BAD_INPUT)
+def test_bad_finetune_input(args, flag, bad_ckpts, capsys):
+    args = [a.format(bad=bad_ckpts) for a in args]
+    with pytest.raises(SystemExit) as e:
+        finetune.main(["--data_dir", SHARED, *args])
+    err = str(e.value.code) if isinstance(e.value.code, str) else capsys.readouterr().err
+    assert e.value.code != 0 and one_line_error(err, flag), err

@@ -79,13 +79,26 @@ class TrainConfig:
                              action="store_true")
 
 
-class _OneLineParser(argparse.ArgumentParser):
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """The module docstring as written, and each flag's default after its help (unless None or told there)."""
+
+    def _get_help_string(self, action):
+        shown = action.default in (None, False, argparse.SUPPRESS) or "default" in action.help
+        return action.help if shown else action.help + " (default: %(default)s)"
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """A usage error is one line naming the flag, like every other bad input (no usage dump)."""
+
+    def __init__(self, **kw):
+        super().__init__(formatter_class=HelpFormatter, **kw)
+
     def error(self, message):
         self.exit(2, f"error: {message}\n")
 
 
 def parse_args(argv=None):
-    p = _OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineParser(description=__doc__)
     for f in fields(TrainConfig):
         kw = dict(f.metadata)
         kw.setdefault("type", type(f.default))
