@@ -281,7 +281,7 @@ def stop_requested(world, device):
 
 
 def setup(cfg):
-    """Process group (under torchrun), device, dtype. Returns (rank, world, device, autocast, dtype name)."""
+    """Process group (under torchrun), device, dtype. Returns (rank, world, device, autocast); resolves cfg.dtype."""
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     if cfg.device == "auto":
         cfg.device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu"
