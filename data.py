@@ -305,6 +305,21 @@ class Batch:
     noise: torch.Tensor          # (B, T) uniform draws the router breaks ties with
 
 
+def shuffle_order(batch, seed):
+    """
+    The batch with each row's tokens between [CLS] and [SEP] in a random order, the masked positions
+    and their targets carried along. A model that ignores word order (a bag of words: every MLM run
+    starts as one) scores the same on both; the loss gap is how much word order it has learned.
+    """
+    B, T = batch.input_ids.shape
+    g = torch.Generator().manual_seed(seed)
+    perm = torch.cat([torch.zeros(B, 1, dtype=torch.long), torch.rand(B, T - 2, generator=g).argsort(dim=1) + 1,
+                      torch.full((B, 1), T - 1)], dim=1).to(batch.input_ids.device)  # new position -> old
+    where = perm.argsort(dim=1)  # old position -> new
+    positions, order = where.gather(1, batch.mlm_positions).sort(dim=1)
+    return Batch(batch.input_ids.gather(1, perm), positions, batch.mlm_targets.gather(1, order), batch.noise)
+
+
 class Batches:
     """Rows of T tokens: [CLS] + T-2 tokens of the packed stream (across documents) + [SEP]."""
 

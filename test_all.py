@@ -140,6 +140,28 @@ def test_masking_is_per_example_not_per_batch(cache):
     assert not torch.equal(big.input_ids[4], big.input_ids[5])
 
 
+def test_shuffle_order_moves_words_and_their_masks_together(cache):
+    b = real_batch(cache, batch_size=6, seq_len=48)
+    s = data.shuffle_order(b, seed=1)
+    assert (s.input_ids[:, 0] == data.CLS).all() and (s.input_ids[:, -1] == data.SEP).all()
+    assert torch.equal(s.input_ids.sort(dim=1).values, b.input_ids.sort(dim=1).values)  # the same words per row
+    assert not torch.equal(s.input_ids, b.input_ids)
+    assert (s.mlm_positions.diff(dim=1) > 0).all()  # still increasing, as Batch promises
+    # each target is still paired with the token now standing in for it (a [MASK], a random or the same id)
+    pairs = lambda x: sorted(zip(x.input_ids.gather(1, x.mlm_positions).flatten().tolist(), x.mlm_targets.flatten().tolist()))
+    assert pairs(s) == pairs(b)
+
+
+def test_order_gap_is_zero_only_without_positions(cache):
+    """Without position embeddings attention cannot see word order: the shuffled rows score the same."""
+    b, model = real_batch(cache, batch_size=4, seq_len=48), tiny_model()
+    loss = lambda x: mlm_loss(model(x.input_ids, x.mlm_positions)[0], x.mlm_targets)[0].item()
+    with torch.no_grad():
+        assert abs(loss(data.shuffle_order(b, 0)) - loss(b)) > 1e-4
+        model.pos_emb.weight.zero_()
+        assert abs(loss(data.shuffle_order(b, 0)) - loss(b)) < 1e-5
+
+
 # ------------------------------------------------------------------------------------------------
 # Token dropping
 

@@ -23,7 +23,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from data import (CLS, DEFAULT_CONFIG, DEFAULT_DATA, PAD, SPECIAL_IDS, VOCAB_SIZE, Batches, cache_folder,
-                  load_tokens, n_masked, prepare)
+                  load_tokens, n_masked, prepare, shuffle_order)
 from dropping import ROUTERS, Router, kept_count
 from loss import mlm_loss, sctd_loss, semantic_drift
 from model import SIZES, Bert, BertConfig
@@ -205,15 +205,21 @@ def train_step(model, router, opt, scaler, batches, cfg, step, autocast):
 
 @torch.no_grad()
 def evaluate(model, router, val_batches, cfg, autocast):
-    """Full-sequence MLM loss and accuracy on fixed batches; for drop/sctd also the semantic drift."""
+    """
+    Full-sequence MLM loss and accuracy on fixed batches; the order gap (the loss on the same rows
+    with their words shuffled, minus the loss: ~0 while the model is still a bag of words); for
+    drop/sctd also the semantic drift.
+    """
     model.eval()
     sums = {}
-    for batch in val_batches:
+    for i, batch in enumerate(val_batches):
         with autocast:
             logits, *full = model(batch.input_ids, batch.mlm_positions)
             loss, _ = mlm_loss(logits, batch.mlm_targets)
             valid = batch.mlm_targets >= 0
-            result = dict(val_loss=loss.item(),
+            shuffled = shuffle_order(batch, seed=i)
+            gap = mlm_loss(model(shuffled.input_ids, shuffled.mlm_positions)[0], shuffled.mlm_targets)[0] - loss
+            result = dict(val_loss=loss.item(), val_order_gap=gap.item(),
                           val_acc=(logits.argmax(-1) == batch.mlm_targets)[valid].float().mean().item())
             if cfg.mode != "full":
                 keep_idx = router.select(batch.input_ids, kept_count(cfg.keep, cfg.seq_len), batch.noise)
