@@ -306,11 +306,17 @@ def test_drop_path_compiles_and_matches_eager(cache):
 # ------------------------------------------------------------------------------------------------
 # Training runs
 
-def test_tiny_model_learns(cache, tmp_path):
+def test_tiny_model_learns(cache, tmp_path, capsys):
     log = run_train(tmp_path, cache, "--steps", 60, "--eval_every", 20, "--batch_size", 8)
     val = [r["val_loss"] for r in log if "val_loss" in r]
     assert val[0] > val[1] > val[2] and val[-1] < 9.5, val  # from ln(50304) = 10.8 at the start
     assert all(r["tokens_per_s"] > 0 for r in log)
+    capsys.readouterr()
+    train.main(["--size", "tiny", "--data", CORPUS, "--cache_dir", cache, "--out_dir", str(tmp_path), "--seq_len", "32",
+                "--batch_size", "8", "--eval_iters", "2", "--eval_only"])
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert printed["steps_done"] == 60 and abs(printed["val_loss"] - val[-1]) < 1e-5  # the final evaluation, reproduced
+    assert sum(1 for _ in open(tmp_path / "log.jsonl")) == len(log)  # and nothing written
 
 
 @pytest.mark.parametrize("mode", ["full", "sctd"])

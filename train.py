@@ -74,6 +74,8 @@ class TrainConfig:
     eval_iters: int = arg(20, "validation batches per evaluation")
     save_every: int = arg(1000, "steps between checkpoints (and at the end)")
     resume: bool = arg(False, "continue from the checkpoint in --out_dir", action="store_true")
+    eval_only: bool = arg(False, "load the checkpoint in --out_dir, print its validation metrics as JSON and exit",
+                          action="store_true")
     max_bad_steps: int = arg(10, "stop after this many non-finite steps in a row")
     prepare_only: bool = arg(False, "tokenize --data into --cache_dir and exit (e.g. once, before a multi-node run)",
                              action="store_true")
@@ -355,7 +357,7 @@ def train(cfg):
 
     model, router, opt, scaler = build(cfg, device)
     step = 0
-    if cfg.resume:
+    if cfg.resume or cfg.eval_only:
         state = load_checkpoint(cfg.out_dir, master)
         if state["config"]["size"] != cfg.size:
             raise ValueError(f"--resume: the checkpoint in {cfg.out_dir} is --size {state['config']['size']}, not {cfg.size}")
@@ -369,9 +371,13 @@ def train(cfg):
             torch.cuda.set_rng_state(rng["cuda"], device)
         step = state["step"]
         if master:
-            print(f"resumed from step {step}")
+            print(f"{'evaluating the checkpoint after' if cfg.eval_only else 'resumed after'} {step} steps")
     else:
         torch.manual_seed(cfg.seed + rank)  # dropout differs per rank; the weights above do not
+    if cfg.eval_only:
+        if master:
+            print(json.dumps(dict(steps_done=step, **evaluate(model, router, val_batches, cfg, autocast))))
+        return
     fwd = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else model
     fwd = torch.compile(fwd) if cfg.compile else fwd
 
