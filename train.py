@@ -363,21 +363,21 @@ def train(cfg):
             raise ValueError(f"--resume: the checkpoint in {cfg.out_dir} is --size {state['config']['size']}, not {cfg.size}")
         model.load_state_dict(state["model"])
         router.load_state_dict(state["router"])
+        step = state["step"]
+        if cfg.eval_only:
+            if master:
+                print(json.dumps(dict(steps_done=step, **evaluate(model, router, val_batches, cfg, autocast))))
+            return
         opt.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
         rng = state["rng"][rank % len(state["rng"])]
         torch.set_rng_state(rng["cpu"])
         if rng["cuda"] is not None and device.type == "cuda":
             torch.cuda.set_rng_state(rng["cuda"], device)
-        step = state["step"]
         if master:
-            print(f"{'evaluating the checkpoint after' if cfg.eval_only else 'resumed after'} {step} steps")
+            print(f"resumed from step {step}")
     else:
         torch.manual_seed(cfg.seed + rank)  # dropout differs per rank; the weights above do not
-    if cfg.eval_only:
-        if master:
-            print(json.dumps(dict(steps_done=step, **evaluate(model, router, val_batches, cfg, autocast))))
-        return
     fwd = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else model
     fwd = torch.compile(fwd) if cfg.compile else fwd
 
