@@ -15,6 +15,7 @@ import math
 import os
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from types import SimpleNamespace
 
@@ -285,13 +286,14 @@ def task_loss(task, out, labels):
 
 
 @torch.no_grad()
-def evaluate(model, task, examples, batch_size, device):
+def evaluate(model, task, examples, batch_size, device, autocast=nullcontext()):
     """{metric: dev score} of the model's predictions on examples."""
     model.eval()
     pred = np.empty(len(examples))
     for idx in length_batches(examples, batch_size):
         *inputs, _ = collate([examples[j] for j in idx], device)
-        out = model(*inputs).view(len(idx), -1)
+        with autocast:
+            out = model(*inputs).view(len(idx), -1).float()
         pred[idx] = (out[:, 0] if task.labels is None else out.argmax(-1)).cpu().numpy()
     gold = np.array([label for _, label in examples])
     model.train()
@@ -313,12 +315,14 @@ def finetune(task, data, init, args, lr, seed):
     steps = args.epochs * math.ceil(len(train) / bs)
     schedule = SimpleNamespace(lr=lr, steps=steps, warmup=int(args.warmup * steps))  # train.py's: warm-up, linear decay
     rng, step = np.random.default_rng(seed), 0
+    autocast = torch.autocast(torch.device(args.device).type, dtype=torch.bfloat16, enabled=args.dtype == "bf16")
     for epoch in range(args.epochs):
         bar = tqdm(length_batches(train, bs, rng), desc=f"{task.name} lr {lr:g} seed {seed} epoch {epoch + 1}/{args.epochs}",
                    leave=False, dynamic_ncols=True)
         for idx in bar:
             *inputs, labels = collate([train[j] for j in idx], args.device)
-            loss = task_loss(task, model(*inputs), labels)
+            with autocast:
+                loss = task_loss(task, model(*inputs).float(), labels)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             for group in opt.param_groups:
@@ -329,7 +333,7 @@ def finetune(task, data, init, args, lr, seed):
             bar.set_postfix(loss=f"{loss.item():.3f}")
     scores = {}
     for suffix, split in task.dev:
-        scores.update({m + suffix: v for m, v in evaluate(model, task, data[split], 2 * bs, args.device).items()})
+        scores.update({m + suffix: v for m, v in evaluate(model, task, data[split], 2 * bs, args.device, autocast).items()})
     return scores
 
 
@@ -425,6 +429,8 @@ def parse_args(argv=None):
     p.add_argument("--max_train", type=int, help="fine-tune on a fixed random subset of this many training examples")
     p.add_argument("--max_len", type=int, default=128, help="tokens per sequence; longer pairs lose tokens from the longer text")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16"],
+                   help="auto: bf16 autocast on GPUs that have it, else fp32 (bf16 also runs on CPU)")
     p.add_argument("--json", help="also write the results here")
     return p.parse_args(argv)
 
@@ -447,6 +453,8 @@ def run(args):
         if not ok:
             raise ValueError(message)
     args.device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    if args.dtype == "auto":
+        args.dtype = "bf16" if args.device.startswith("cuda") and torch.cuda.is_bf16_supported() else "fp32"
     print(json.dumps(vars(args), indent=1))
     print(f"init: {init.source}")
     data = {t.name: read_task(t, args.data_dir, args.max_train) for t in tasks}  # a missing file fails before training

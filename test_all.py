@@ -739,6 +739,16 @@ def test_finetune_end_to_end(tiny_ckpt, tmp_path):
         assert r["lr"] in (1e-4, 1e-3) and len(r["runs"]) == 2 and 0 <= r["median"]["acc"] <= 100
 
 
+def test_finetune_bf16_autocast(tiny_ckpt, tmp_path):
+    """--dtype bf16 (CPUs run it too) trains and scores; a regression task's predictions must leave bf16 for numpy."""
+    out = tmp_path / "scores.json"
+    finetune.main(["--ckpt", tiny_ckpt, "--task", "stsb", "--data_dir", SHARED, "--max_train", "32", "--epochs", "1",
+                   "--batch_size", "16", "--max_len", "64", "--lr", "1e-4", "--dtype", "bf16", "--json", str(out)])
+    results = json.loads(out.read_text())
+    assert results["config"]["dtype"] == "bf16"
+    assert all(-100 <= v <= 100 for v in results["results"]["stsb"]["median"].values())
+
+
 def test_random_init_keeps_the_architecture_not_the_weights(tiny_ckpt):
     args = finetune.parse_args(["--task", "sst2", "--ckpt", tiny_ckpt])
     trained = finetune.load_init(args)
