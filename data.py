@@ -308,8 +308,8 @@ class Batch:
 def shuffle_order(batch, seed):
     """
     The batch with each row's tokens between [CLS] and [SEP] in a random order, the masked positions
-    and their targets carried along. A model that ignores word order (a bag of words: every MLM run
-    starts as one) scores the same on both; the loss gap is how much word order it has learned.
+    and their targets carried along. A model that ignores word order (a bag of words, as MLM training
+    is at first) scores the same on both; the loss gap is how much word order it has learned.
     """
     B, T = batch.input_ids.shape
     g = torch.Generator().manual_seed(seed)
