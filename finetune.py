@@ -15,7 +15,6 @@ import math
 import os
 import sys
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 from types import SimpleNamespace
 
@@ -286,7 +285,7 @@ def task_loss(task, out, labels):
 
 
 @torch.no_grad()
-def evaluate(model, task, examples, batch_size, device, autocast=nullcontext()):
+def evaluate(model, task, examples, batch_size, device, autocast):
     """{metric: dev score} of the model's predictions on examples."""
     model.eval()
     pred = np.empty(len(examples))

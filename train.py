@@ -360,7 +360,7 @@ def train(cfg):
     if cfg.resume or cfg.eval_only:
         state = load_checkpoint(cfg.out_dir, master)
         if state["config"]["size"] != cfg.size:
-            raise ValueError(f"--resume: the checkpoint in {cfg.out_dir} is --size {state['config']['size']}, not {cfg.size}")
+            raise ValueError(f"the checkpoint in {cfg.out_dir} is --size {state['config']['size']}, not {cfg.size}")
         model.load_state_dict(state["model"])
         router.load_state_dict(state["router"])
         step = state["step"]
