@@ -41,6 +41,9 @@ def parse_args(argv=None):
     p.add_argument("--seq_lens", nargs="+", type=int, help="tokens per row, 8..512 (default: 512 on GPU, 128 on CPU)")
     p.add_argument("--batch_size", type=int, help="rows per step (default: the largest of 64/32/16/8 that fits on GPU, 16 on CPU)")
     p.add_argument("--keep", type=float, default=train.TrainConfig.keep, help="token dropping: fraction of tokens kept, in (0, 1]")
+    p.add_argument("--position", default=train.TrainConfig.position, choices=train.POSITIONS,
+                   help="the model's position scheme, as train.py --position")
+    p.add_argument("--norm", default=train.TrainConfig.norm, choices=train.NORMS, help="post- or pre-LN, as train.py --norm")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction,
                    help="torch.compile the models (default: on for CUDA, as in train.py)")
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"], help="auto: bf16 on GPUs, fp32 on CPU")
@@ -135,7 +138,8 @@ def peak_tflops(device, dtype):
 def configs(args, run, size, seq_len, batch_size):
     """{mode: TrainConfig} of one shape, checked as train.py checks its flags."""
     cfgs = {mode: train.TrainConfig(size=size, mode=mode, seq_len=seq_len, batch_size=batch_size, keep=args.keep,
-                                    dtype=run.dtype, compile=run.compile, device=run.device, lr=1e-4, warmup=0)
+                                    position=args.position, norm=args.norm, dtype=run.dtype, compile=run.compile,
+                                    device=run.device, lr=1e-4, warmup=0)
             for mode in train.MODES}  # lr: any value, the speed does not depend on it
     for cfg in cfgs.values():
         train.check(cfg)
@@ -230,7 +234,7 @@ def benchmark(args):
         print("--compare hf needs transformers (optional, not in requirements.txt): pip install transformers")
         args.compare = None
     print(f"device: {device_name(device)} | torch {torch.__version__} | {run.dtype} | compile {'on' if run.compile else 'off'} "
-          f"| median of {args.steps} steps after {args.warmup} warm-up rounds")
+          f"| --position {args.position} --norm {args.norm} | median of {args.steps} steps after {args.warmup} warm-up rounds")
     load = os.getloadavg()[0]
     if not gpu and load > 0.5:
         print(f"note: load average {load:.1f} on {os.cpu_count()} cores: the CPU is shared, so timings are noisy"

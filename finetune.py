@@ -15,7 +15,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from types import SimpleNamespace
 
 import numpy as np
@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from data import CLS, PAD, SEP, VOCAB_SIZE, get_encoding
 from model import SIZES, Bert, BertConfig
-from train import OneLineParser, lr_at
+from train import OneLineParser, TrainConfig, lr_at, model_config
 
 WEIGHT_DECAY = 0.01
 HUB = {"glue": "nyu-mll/glue", "superglue": "aps/super_glue"}
@@ -368,7 +368,9 @@ def load_init(args):
         if args.init == "checkpoint":
             raise ValueError("--ckpt is missing; pass a checkpoint written by train.py (its --out_dir/ckpt.pt), "
                              "or --init random for the untrained baseline")
-        return SimpleNamespace(model_config=dict(SIZES[args.size]), state=None, source=f"random init, --size {args.size}")
+        arch = model_config(TrainConfig(size=args.size))  # train.py's default architecture at that size
+        return SimpleNamespace(model_config=asdict(arch), state=None,
+                               source=f"random init, --size {args.size} --position {arch.position} --norm {arch.norm}")
     if not os.path.isfile(args.ckpt):
         raise ValueError(f"--ckpt {args.ckpt} does not exist; pass a checkpoint written by train.py (its --out_dir/ckpt.pt)")
     try:

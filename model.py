@@ -1,7 +1,13 @@
 """
-BERT from scratch (SPEC §1): embeddings, post-LayerNorm encoder layers, a masked-LM head whose
-logits are computed only at the masked positions. The encoder runs the token-dropping layer
-schedule of dropping.py when it is given the kept positions, and the plain encoder otherwise.
+BERT from scratch (SPEC §1): embeddings, encoder layers, a masked-LM head whose logits are computed
+only at the masked positions. The encoder runs the token-dropping layer schedule of dropping.py
+when it is given the kept positions, and the plain encoder otherwise.
+
+Two architecture switches, recorded in BertConfig (so in every checkpoint):
+- position: "absolute" learned embeddings (BERT); "rotary" (RoFormer, Su et al. 2021) or "alibi"
+  (Press et al. 2022) act inside attention on each token's position in the original row, so a
+  kept token keeps its place when its neighbours are dropped.
+- norm: "post" LayerNorm after each residual (BERT); "pre" before each sublayer plus a final one.
 """
 from dataclasses import dataclass
 
@@ -21,6 +27,12 @@ class BertConfig:
     max_position: int = 512
     type_vocab_size: int = 2
     dropout: float = 0.1
+    position: str = "absolute"  # one of POSITIONS
+    norm: str = "post"  # one of NORMS
+
+
+POSITIONS = ("absolute", "rotary", "alibi")
+NORMS = ("post", "pre")
 
 
 # The compact BERTs (Turc et al. 2019) and the two classics: (layers, hidden size, heads).
@@ -34,33 +46,60 @@ SIZES = {
 }
 
 
+def rotate(x, pos, inv_freq):
+    """
+    Rotary embedding in RoFormer's convention: each interleaved pair (x[2i], x[2i+1]) of a head turns
+    by the angle pos * inv_freq[i]. x: (B, H, T, D), pos: (1 or B, T) -> (B, H, T, D).
+    """
+    angle = (pos[:, None, :, None].float() * inv_freq).to(x.dtype)  # (B, 1, T, D/2)
+    cos, sin, even, odd = angle.cos(), angle.sin(), x[..., 0::2], x[..., 1::2]
+    return torch.stack((even * cos - odd * sin, odd * cos + even * sin), dim=-1).flatten(-2)
+
+
 class SelfAttention(nn.Module):
     def __init__(self, cfg):
         super().__init__()
-        self.n_head, self.dropout = cfg.n_head, cfg.dropout
+        self.n_head, self.dropout, self.position = cfg.n_head, cfg.dropout, cfg.position
         self.qkv = nn.Linear(cfg.n_embd, 3 * cfg.n_embd)
         self.proj = nn.Linear(cfg.n_embd, cfg.n_embd)
+        head_dim = cfg.n_embd // cfg.n_head
+        if cfg.position == "rotary":  # RoFormer's frequencies: 10000^(-2i/D)
+            self.register_buffer("inv_freq", 10000.0 ** (-torch.arange(0, head_dim, 2) / head_dim), persistent=False)
+        if cfg.position == "alibi":  # ALiBi's slopes 2^(-8h/H), h = 1..H: a locality prior of a different reach per head
+            self.register_buffer("slopes", 2.0 ** (-8.0 * torch.arange(1, cfg.n_head + 1) / cfg.n_head), persistent=False)
 
-    def forward(self, x, query_idx=None, attn_mask=None):
+    def forward(self, x, pos, query_idx=None, attn_mask=None):
         """
-        x: (B, T, C) keys/values; queries are all T tokens, or only those at query_idx: (B, k).
-        attn_mask: (B, 1, 1, T) bool, True = may attend (padding in fine-tuning). Returns (B, T or k, C).
+        x: (B, T, C) keys/values at positions pos: (1 or B, T) of the original row; queries are all T
+        tokens, or only those at query_idx: (B, k). attn_mask: (B, 1, 1, T) bool, True = may attend
+        (padding in fine-tuning). Returns (B, T or k, C).
         """
         B, T, C = x.shape
         q, k, v = self.qkv(x).split(C, dim=2)
+        q_pos = pos
         if query_idx is not None:
-            q = gather_tokens(q, query_idx)
+            q, q_pos = gather_tokens(q, query_idx), pos.expand(B, -1).gather(1, query_idx)
         q, k, v = (t.view(B, -1, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        if self.position == "rotary":
+            q, k = rotate(q, q_pos, self.inv_freq), rotate(k, pos, self.inv_freq)
+        elif self.position == "alibi":  # -slope * distance, as an additive mask; padding becomes -inf
+            distance = (q_pos[:, None, :, None] - pos[:, None, None, :]).abs()
+            bias = -self.slopes[:, None, None] * distance.to(q.dtype)
+            attn_mask = bias if attn_mask is None else bias.masked_fill(~attn_mask, float("-inf"))
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
                                            dropout_p=self.dropout if self.training else 0.0)
         return self.proj(y.transpose(1, 2).reshape(B, -1, C))
 
 
 class Layer(nn.Module):
-    """One post-LN encoder layer: x = LN(x + Attn(x)); x = LN(x + FFN(x))."""
+    """
+    One encoder layer. post-LN (BERT): x = LN(x + Attn(x)); x = LN(x + FFN(x)).
+    pre-LN: x = x + Attn(LN(x)); x = x + FFN(LN(x)).
+    """
 
     def __init__(self, cfg):
         super().__init__()
+        self.pre_ln = cfg.norm == "pre"
         self.attn = SelfAttention(cfg)
         self.ln1 = nn.LayerNorm(cfg.n_embd, eps=1e-12)
         self.ffn = nn.Sequential(nn.Linear(cfg.n_embd, 4 * cfg.n_embd), nn.GELU(),
@@ -68,23 +107,30 @@ class Layer(nn.Module):
         self.ln2 = nn.LayerNorm(cfg.n_embd, eps=1e-12)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, query_idx=None, attn_mask=None):
-        """x: (B, T, C) -> (B, T, C), or (B, k, C) for the queries at query_idx: (B, k)."""
+    def forward(self, x, pos, query_idx=None, attn_mask=None):
+        """x: (B, T, C) at positions pos -> (B, T, C), or (B, k, C) for the queries at query_idx: (B, k)."""
         x_q = x if query_idx is None else gather_tokens(x, query_idx)
-        x = self.ln1(x_q + self.drop(self.attn(x, query_idx, attn_mask)))
+        if self.pre_ln:
+            x = x_q + self.drop(self.attn(self.ln1(x), pos, query_idx, attn_mask))
+            return x + self.drop(self.ffn(self.ln2(x)))
+        x = self.ln1(x_q + self.drop(self.attn(x, pos, query_idx, attn_mask)))
         return self.ln2(x + self.drop(self.ffn(x)))
 
 
 class Bert(nn.Module):
     def __init__(self, cfg):
         super().__init__()
+        if cfg.position not in POSITIONS or cfg.norm not in NORMS:
+            raise ValueError(f"position {cfg.position!r} / norm {cfg.norm!r}: choose from {POSITIONS} / {NORMS}")
         self.cfg = cfg
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.n_embd)
-        self.pos_emb = nn.Embedding(cfg.max_position, cfg.n_embd)
+        self.pos_emb = nn.Embedding(cfg.max_position, cfg.n_embd) if cfg.position == "absolute" else None
         self.type_emb = nn.Embedding(cfg.type_vocab_size, cfg.n_embd)
         self.emb_ln = nn.LayerNorm(cfg.n_embd, eps=1e-12)
         self.drop = nn.Dropout(cfg.dropout)
         self.layers = nn.ModuleList(Layer(cfg) for _ in range(cfg.n_layer))
+        # pre-LN's residual stream is not normalized: one LayerNorm ends the encoder
+        self.ln_f = nn.LayerNorm(cfg.n_embd, eps=1e-12) if cfg.norm == "pre" else nn.Identity()
         # masked-LM head: dense -> GELU -> LayerNorm -> decoder tied to tok_emb (+ bias)
         self.mlm_dense = nn.Linear(cfg.n_embd, cfg.n_embd)
         self.mlm_ln = nn.LayerNorm(cfg.n_embd, eps=1e-12)
@@ -103,13 +149,16 @@ class Bert(nn.Module):
         input_ids: (B, T). keep_idx: (B, k) kept positions -> run the token-dropping schedule.
         attn_mask: (B, T) bool, True at real tokens (fine-tuning only; pretraining rows are packed).
         Returns (h_last_in, h_out), both (B, T, C): the hidden state entering the last layer, and
-        the final one. ScTD's local and global semantic constraints read their [CLS] rows.
+        the final one. ScTD's local and global semantic constraints read their [CLS] rows; under
+        pre-LN both pass through the final LayerNorm, so that the two compare like with like.
         """
         B, T = input_ids.shape
         if T > self.cfg.max_position:
             raise ValueError(f"sequence length {T} exceeds the {self.cfg.max_position} positions of the model")
-        pos = torch.arange(T, device=input_ids.device)
-        x = self.tok_emb(input_ids) + self.pos_emb(pos)
+        pos = all_pos = torch.arange(T, device=input_ids.device)[None]  # (1, T): a position per token of x
+        x = self.tok_emb(input_ids)
+        if self.pos_emb is not None:
+            x = x + self.pos_emb(pos)
         x = x + (self.type_emb.weight[0] if token_type_ids is None else self.type_emb(token_type_ids))
         x = self.drop(self.emb_ln(x))
         if attn_mask is not None:
@@ -117,13 +166,14 @@ class Bert(nn.Module):
         schedule = layer_schedule(self.cfg.n_layer, dropping=keep_idx is not None)
         for layer, stage in zip(self.layers, schedule):
             if stage == FIRST:  # kept tokens query all tokens; the rest wait here until the last layer
-                x_all, x = x, layer(x, query_idx=keep_idx)
+                x_all, x = x, layer(x, all_pos, query_idx=keep_idx)
+                pos = keep_idx  # the kept tokens keep their original positions
                 continue
             if stage == LAST:
-                x = scatter_tokens(x_all, keep_idx, x)
+                x, pos = scatter_tokens(x_all, keep_idx, x), all_pos
             h_last_in = x
-            x = layer(x, attn_mask=attn_mask)
-        return h_last_in, x
+            x = layer(x, pos, attn_mask=attn_mask)
+        return self.ln_f(h_last_in), self.ln_f(x)
 
     def mlm_logits(self, h, positions):
         """h: (B, T, C), positions: (B, M) -> logits (B, M, V), only where a prediction is needed."""

@@ -28,7 +28,9 @@ import finetune  # noqa: E402
 import train  # noqa: E402
 from dropping import FIRST, LAST, Router, layer_schedule  # noqa: E402
 from loss import cls_kl, mlm_loss, sctd_loss  # noqa: E402
-from model import SIZES, Bert, BertConfig  # noqa: E402
+from model import NORMS, POSITIONS, SIZES, Bert, BertConfig, SelfAttention, rotate  # noqa: E402
+
+VARIANTS = [(p, n) for p in POSITIONS for n in NORMS]
 
 
 @pytest.fixture(scope="session")
@@ -39,9 +41,9 @@ def cache(tmp_path_factory):
     return cache_dir
 
 
-def tiny_model(n_layer=2, dropout=0.0, seed=0):
+def tiny_model(n_layer=2, dropout=0.0, seed=0, position="absolute", norm="post"):
     torch.manual_seed(seed)
-    return Bert(BertConfig(**dict(SIZES["tiny"], n_layer=n_layer), dropout=dropout)).eval()
+    return Bert(BertConfig(**dict(SIZES["tiny"], n_layer=n_layer), dropout=dropout, position=position, norm=norm)).eval()
 
 
 def real_batch(cache, batch_size=4, seq_len=64, seed=0):
@@ -74,8 +76,9 @@ def one_line_error(err, *words):
 # ------------------------------------------------------------------------------------------------
 # The model
 
-def test_shapes():
-    model = tiny_model()
+@pytest.mark.parametrize("position,norm", VARIANTS)
+def test_shapes(position, norm):
+    model = tiny_model(position=position, norm=norm)
     ids = torch.randint(0, 50000, (3, 16))
     positions = torch.tensor([[1, 5, 7]] * 3)
     logits, h_last_in, h_out = model(ids, positions)
@@ -103,6 +106,53 @@ def test_mlm_head_is_tied_to_token_embedding():
         after = model.mlm_logits(h, positions)
     changed = (after - before).abs().amax(dim=(0, 1)) > 0
     assert changed.nonzero().flatten().tolist() == [7]  # ... and the output logit of id 7, only
+
+
+def test_rotary_turns_each_pair_as_a_complex_number():
+    """RoFormer's convention: pair i of a head, read as x[2i] + j x[2i+1], is multiplied by exp(j pos theta_i)."""
+    x, pos, inv_freq = torch.randn(2, 3, 5, 8), torch.randint(0, 500, (2, 5)), 10000.0 ** (-torch.arange(0, 8, 2) / 8)
+    pairs = torch.view_as_complex(x.double().reshape(2, 3, 5, 4, 2).contiguous())
+    turned = pairs * torch.polar(torch.ones(()).double(), pos[:, None, :, None].double() * inv_freq.double())
+    assert torch.allclose(rotate(x, pos, inv_freq), torch.view_as_real(turned).flatten(-2).float(), atol=1e-4)
+
+
+@pytest.mark.parametrize("position", ["rotary", "alibi"])
+def test_kept_tokens_attend_at_their_original_positions(position):
+    """
+    Attention over the kept tokens alone (positions 3, 40, 90) equals attention in the whole row with
+    every other key masked out: a kept token at 40 next to one at 90 is 50 apart, not 1.
+    """
+    torch.manual_seed(0)
+    attn = SelfAttention(BertConfig(n_embd=64, n_head=4, dropout=0.0, position=position)).eval()
+    kept = torch.tensor([[3, 40, 90]])
+    x_all = torch.randn(1, 100, 64)
+    only_kept = torch.zeros(1, 1, 1, 100, dtype=torch.bool)
+    only_kept[..., kept[0]] = True
+    with torch.no_grad():
+        in_row = attn(x_all, torch.arange(100)[None], attn_mask=only_kept)[:, kept[0]]
+        alone = attn(x_all[:, kept[0]], kept)
+        packed = attn(x_all[:, kept[0]], torch.arange(3)[None])  # what forgetting the positions would give
+        queries = attn(x_all, torch.arange(100)[None], query_idx=kept, attn_mask=only_kept)  # the first dropping layer
+    assert (alone - in_row).abs().max() < 1e-5 and (queries - in_row).abs().max() < 1e-5
+    assert (packed - in_row).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("norm", NORMS)
+def test_sctd_reads_states_through_the_same_final_layernorm(cache, norm):
+    """Under pre-LN the residual stream is unnormalized: h_last_in and h_out both pass the final LayerNorm."""
+    model = tiny_model(n_layer=4, norm=norm, position="rotary")
+    if norm == "pre":
+        with torch.no_grad():
+            model.ln_f.weight.mul_(3.0)  # not the identity, so that a missing LayerNorm shows
+    b, seen = real_batch(cache), {}
+    model.layers[-1].register_forward_pre_hook(lambda m, a: seen.__setitem__("last_in", a[0]))
+    model.layers[-1].register_forward_hook(lambda m, a, out: seen.__setitem__("out", out))
+    router = Router(data.VOCAB_SIZE, data.SPECIAL_IDS, data.PAD, data.CLS)
+    for keep_idx in (None, router.select(b.input_ids, 32, b.noise)):
+        with torch.no_grad():
+            _, h_last_in, h_out = model(b.input_ids, b.mlm_positions, keep_idx)
+        assert torch.allclose(h_last_in, model.ln_f(seen["last_in"])) and torch.allclose(h_out, model.ln_f(seen["out"]))
+    assert isinstance(model.ln_f, torch.nn.LayerNorm) == (norm == "pre")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -173,8 +223,9 @@ def test_layer_schedule():
         layer_schedule(1)
 
 
-def test_keep_all_equals_full_path(cache):
-    model = tiny_model(n_layer=4)
+@pytest.mark.parametrize("position,norm", VARIANTS)
+def test_keep_all_equals_full_path(cache, position, norm):
+    model = tiny_model(n_layer=4, position=position, norm=norm)
     b = real_batch(cache)
     T = b.input_ids.size(1)
     keep_idx = torch.arange(T).expand(b.input_ids.size(0), -1)
@@ -335,6 +386,31 @@ def test_resume_continues_the_same_curve(cache, tmp_path, mode):
     assert torch.equal(ta["router"]["importance"], tb["router"]["importance"])  # the router table survives
     if mode == "sctd":
         assert (ta["router"]["importance"][:50000] != 10.0).sum() > 10  # and it was learned
+
+
+def test_checkpoint_records_the_variant_and_everything_follows_it(cache, tmp_path, capsys):
+    log = run_train(tmp_path, cache, "--steps", 4, "--eval_every", 4, "--position", "alibi", "--norm", "pre",
+                    "--mode", "drop", "--keep", "0.75")
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    assert (ckpt["model_config"]["position"], ckpt["model_config"]["norm"]) == ("alibi", "pre")
+    capsys.readouterr()
+    # the flags' defaults (another variant) give way to the checkpoint's
+    train.main(["--size", "tiny", "--data", CORPUS, "--cache_dir", cache, "--out_dir", str(tmp_path), "--seq_len", "32",
+                "--batch_size", "4", "--eval_iters", "2", "--eval_only"])
+    out = capsys.readouterr()
+    assert abs(json.loads(out.out.strip().splitlines()[-1])["val_loss"] - log[-1]["val_loss"]) < 1e-5
+    assert "--position alibi --norm pre" in out.err
+    init = finetune.load_init(finetune.parse_args(["--task", "rte", "--ckpt", str(tmp_path / "ckpt.pt")]))
+    assert (init.model_config["position"], init.model_config["norm"]) == ("alibi", "pre")
+    random = finetune.load_init(finetune.parse_args(["--task", "rte", "--init", "random", "--size", "tiny"]))
+    assert random.model_config["position"] == train.TrainConfig.position
+
+
+@pytest.mark.parametrize("flag", ["--resume", "--eval_only"])
+def test_missing_checkpoint_fails_before_data_preparation(tmp_path, flag):
+    code, err = run_cli("train.py", "--size", "tiny", "--data", CORPUS, "--cache_dir", str(tmp_path / "cache"),
+                        "--out_dir", str(tmp_path / "out"), flag)
+    assert code != 0 and one_line_error(err, flag, "no checkpoint") and not (tmp_path / "cache").exists(), err
 
 
 # ------------------------------------------------------------------------------------------------
@@ -756,6 +832,31 @@ def test_random_init_keeps_the_architecture_not_the_weights(tiny_ckpt):
     args = finetune.parse_args(["--task", "sst2", "--ckpt", tiny_ckpt, "--init", "random"])
     random = finetune.load_init(args)
     assert random.model_config == trained.model_config and random.state is None
+
+
+def test_checkpoint_records_the_variant_and_everything_follows_it(cache, tmp_path, capsys):
+    log = run_train(tmp_path, cache, "--steps", 4, "--eval_every", 4, "--position", "alibi", "--norm", "pre",
+                    "--mode", "drop", "--keep", "0.75")
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    assert (ckpt["model_config"]["position"], ckpt["model_config"]["norm"]) == ("alibi", "pre")
+    capsys.readouterr()
+    # the flags' defaults (another variant) give way to the checkpoint's
+    train.main(["--size", "tiny", "--data", CORPUS, "--cache_dir", cache, "--out_dir", str(tmp_path), "--seq_len", "32",
+                "--batch_size", "4", "--eval_iters", "2", "--eval_only"])
+    out = capsys.readouterr()
+    assert abs(json.loads(out.out.strip().splitlines()[-1])["val_loss"] - log[-1]["val_loss"]) < 1e-5
+    assert "--position alibi --norm pre" in out.err
+    init = finetune.load_init(finetune.parse_args(["--task", "rte", "--ckpt", str(tmp_path / "ckpt.pt")]))
+    assert (init.model_config["position"], init.model_config["norm"]) == ("alibi", "pre")
+    random = finetune.load_init(finetune.parse_args(["--task", "rte", "--init", "random", "--size", "tiny"]))
+    assert random.model_config["position"] == train.TrainConfig.position
+
+
+@pytest.mark.parametrize("flag", ["--resume", "--eval_only"])
+def test_missing_checkpoint_fails_before_data_preparation(tmp_path, flag):
+    code, err = run_cli("train.py", "--size", "tiny", "--data", CORPUS, "--cache_dir", str(tmp_path / "cache"),
+                        "--out_dir", str(tmp_path / "out"), flag)
+    assert code != 0 and one_line_error(err, flag, "no checkpoint") and not (tmp_path / "cache").exists(), err
 
 
 # ------------------------------------------------------------------------------------------------

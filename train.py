@@ -26,7 +26,7 @@ from data import (CLS, DEFAULT_CONFIG, DEFAULT_DATA, PAD, SPECIAL_IDS, VOCAB_SIZ
                   load_tokens, n_masked, prepare, shuffle_order)
 from dropping import ROUTERS, Router, kept_count
 from loss import mlm_loss, sctd_loss, semantic_drift
-from model import SIZES, Bert, BertConfig
+from model import NORMS, POSITIONS, SIZES, Bert, BertConfig
 
 MODES = ("full", "drop", "sctd")
 VAL_SEED = 0  # validation batches (and their masking) are the same for every run and mode
@@ -57,6 +57,11 @@ class TrainConfig:
     betas: tuple = arg((0.9, 0.98), "AdamW betas", nargs=2, type=float)
     eps: float = arg(1e-6, "AdamW epsilon")
     clip: float = arg(1.0, "gradient norm clipping (0: off)")
+    position: str = arg("rotary", "how the model knows word order: rotary (RoFormer) or alibi (relative, in attention), "
+                        "or absolute (learned embeddings: the paper's BERT, slower to leave the bag-of-words plateau)",
+                        choices=POSITIONS)
+    norm: str = arg("post", "post: LayerNorm after each residual (BERT); pre: before each sublayer, plus a final one",
+                    choices=NORMS)
     dropout: float = arg(0.1, "dropout probability")
     keep: float = arg(0.5, "token dropping: fraction of tokens the middle layers keep, in (0, 1]")
     router: str = arg("loss", "which tokens are kept: loss (Hou et al.), random or frequency (ablations)", choices=ROUTERS)
@@ -244,7 +249,7 @@ def save_checkpoint(out_dir, state):
     os.replace(tmp, path)
 
 
-def load_checkpoint(out_dir, master=True):
+def load_checkpoint(out_dir, master=True, flag="--resume"):
     """
     The newest checkpoint that loads. A damaged one is named, set aside as *.bad (by rank 0, so that
     the next save does not rotate it over the good previous one) and passed over for the previous.
@@ -264,7 +269,7 @@ def load_checkpoint(out_dir, master=True):
             print(f"warning: {problems[-1]}; set aside as {name}.bad, trying the previous checkpoint", file=sys.stderr)
             if master:
                 os.replace(path, path + ".bad")
-    raise ValueError("--resume: " + ("; ".join(problems) if problems else
+    raise ValueError(f"{flag}: " + ("; ".join(problems) if problems else
                      f"no checkpoint in {out_dir}; train without --resume first, or pass the right --out_dir"))
 
 
@@ -308,10 +313,26 @@ def setup(cfg):
     return rank, world, device, autocast
 
 
+def model_config(cfg):
+    """The architecture a TrainConfig asks for (a checkpoint stores it as its "model_config")."""
+    return BertConfig(**SIZES[cfg.size], dropout=cfg.dropout, position=cfg.position, norm=cfg.norm)
+
+
+def follow_checkpoint(cfg, state):
+    """--resume/--eval_only: the architecture is the checkpoint's, whatever the flags say (a note names what differs)."""
+    arch = BertConfig(**state["model_config"])  # a checkpoint older than the switches gets their defaults: BERT's
+    saved = dict(size=state["config"]["size"], position=arch.position, norm=arch.norm)
+    differ = [f"--{k} {v}" for k, v in saved.items() if v != getattr(cfg, k)]
+    if differ:
+        print(f"note: following the checkpoint in {cfg.out_dir}: {' '.join(differ)}", file=sys.stderr)
+    for k, v in saved.items():
+        setattr(cfg, k, v)
+
+
 def build(cfg, device):
     """The model, router, optimizer and loss scaler a config asks for."""
     torch.manual_seed(cfg.seed)
-    model = Bert(BertConfig(**SIZES[cfg.size], dropout=cfg.dropout)).to(device)
+    model = Bert(model_config(cfg)).to(device)
     router = Router(VOCAB_SIZE, SPECIAL_IDS, PAD, CLS, cfg.router, cfg.importance_beta).to(device)
     return (model, router, *optimizer(model, cfg, device))
 
@@ -334,10 +355,13 @@ def example_ids(step, micro, cfg, rank, world):
 def train(cfg):
     check(cfg)
     rank, world, device, autocast = setup(cfg)
+    master, state = rank == 0, None
+    if cfg.resume or cfg.eval_only:  # before any data work: a missing checkpoint is an error at once
+        state = load_checkpoint(cfg.out_dir, master, "--eval_only" if cfg.eval_only else "--resume")
+        follow_checkpoint(cfg, state)
     cfg.batch_size = cfg.batch_size or max(1, 256 // world)
     cfg.warmup = min(10_000, cfg.steps // 10) if cfg.warmup is None else cfg.warmup
     cfg.lr = cfg.lr or {"base": 1e-4, "large": 1e-4, "small": 5e-4, "medium": 5e-4}.get(cfg.size, 1e-3)
-    master = rank == 0
     if master:
         print(json.dumps(asdict(cfg), indent=1))
         prepare(cfg.data, cfg.data_config, cfg.cache_dir, cfg.max_tokens)
@@ -357,10 +381,7 @@ def train(cfg):
 
     model, router, opt, scaler = build(cfg, device)
     step = 0
-    if cfg.resume or cfg.eval_only:
-        state = load_checkpoint(cfg.out_dir, master)
-        if state["config"]["size"] != cfg.size:
-            raise ValueError(f"the checkpoint in {cfg.out_dir} is --size {state['config']['size']}, not {cfg.size}")
+    if state is not None:
         model.load_state_dict(state["model"])
         router.load_state_dict(state["router"])
         step = state["step"]
