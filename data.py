@@ -7,6 +7,7 @@ plus four ids appended after it: [PAD] 50257, [CLS] 50258, [SEP] 50259, [MASK] 5
 embedding table is padded to 50304 rows (a multiple of 64); ids above 50260 never occur.
 """
 import codecs
+import fcntl
 import glob
 import gzip
 import hashlib
@@ -178,6 +179,16 @@ def prepare(data, config=DEFAULT_CONFIG, cache_dir="data_cache", max_tokens=None
     folder = cache_folder(data, config, cache_dir, max_tokens)
     if os.path.exists(os.path.join(folder, "meta.json")):
         return folder
+    os.makedirs(cache_dir, exist_ok=True)
+    with open(folder + ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # a run beside us preparing the same source: wait, then use its folder
+        if not os.path.exists(os.path.join(folder, "meta.json")):
+            _tokenize(data, config, folder, max_tokens)
+    return folder
+
+
+def _tokenize(data, config, folder, max_tokens):
+    """prepare()'s work, under its lock: writes the folder through a temporary one."""
     enc = get_encoding()
     if is_local_path(data):
         total, unit = sum(os.path.getsize(f) for f in _source_files(data)), "B"
@@ -227,7 +238,6 @@ def prepare(data, config=DEFAULT_CONFIG, cache_dir="data_cache", max_tokens=None
               f"{_Counts.empty_documents} empty documents skipped")
     shutil.rmtree(folder, ignore_errors=True)
     os.rename(tmp, folder)
-    return folder
 
 
 def _chunks(docs, chars=1 << 22):

@@ -614,6 +614,21 @@ def test_interrupted_preparation_leaves_no_cache(tmp_path, monkeypatch):
     assert json.load(open(os.path.join(data.prepare(str(corpus), cache_dir=str(tmp_path / "cache")), "meta.json")))["documents"] == 300
 
 
+def test_two_runs_preparing_the_same_source_side_by_side(tmp_path):
+    """The second waits for the first and reuses its folder (they once shared a temporary folder and broke it)."""
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("\n\n".join(f"document number {i} " * 50 for i in range(2000)))
+    code = f"import data; print(data.prepare({str(corpus)!r}, cache_dir={str(tmp_path / 'cache')!r}))"
+    runs = [subprocess.Popen([sys.executable, "-c", code], cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for _ in range(2)]
+    outs = [run.communicate(timeout=300) for run in runs]
+    assert [run.returncode for run in runs] == [0, 0], outs
+    folder = outs[0][0].strip().splitlines()[-1]
+    meta = json.load(open(os.path.join(folder, "meta.json")))
+    assert outs[1][0].strip().splitlines()[-1] == folder and meta["documents"] == 2000
+    assert os.path.getsize(os.path.join(folder, "train.bin")) == 2 * meta["train_tokens"]
+
+
 def test_truncated_token_file_and_tiny_corpus_are_refused(cache, tmp_path):
     small = tmp_path / "small.txt"
     small.write_text("\n\n".join(["a few words"] * 3 + ["more words here " * 10]))
