@@ -849,31 +849,6 @@ def test_random_init_keeps_the_architecture_not_the_weights(tiny_ckpt):
     assert random.model_config == trained.model_config and random.state is None
 
 
-def test_checkpoint_records_the_variant_and_everything_follows_it(cache, tmp_path, capsys):
-    log = run_train(tmp_path, cache, "--steps", 4, "--eval_every", 4, "--position", "alibi", "--norm", "pre",
-                    "--mode", "drop", "--keep", "0.75")
-    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
-    assert (ckpt["model_config"]["position"], ckpt["model_config"]["norm"]) == ("alibi", "pre")
-    capsys.readouterr()
-    # the flags' defaults (another variant) give way to the checkpoint's
-    train.main(["--size", "tiny", "--data", CORPUS, "--cache_dir", cache, "--out_dir", str(tmp_path), "--seq_len", "32",
-                "--batch_size", "4", "--eval_iters", "2", "--eval_only"])
-    out = capsys.readouterr()
-    assert abs(json.loads(out.out.strip().splitlines()[-1])["val_loss"] - log[-1]["val_loss"]) < 1e-5
-    assert "--position alibi --norm pre" in out.err
-    init = finetune.load_init(finetune.parse_args(["--task", "rte", "--ckpt", str(tmp_path / "ckpt.pt")]))
-    assert (init.model_config["position"], init.model_config["norm"]) == ("alibi", "pre")
-    random = finetune.load_init(finetune.parse_args(["--task", "rte", "--init", "random", "--size", "tiny"]))
-    assert random.model_config["position"] == train.TrainConfig.position
-
-
-@pytest.mark.parametrize("flag", ["--resume", "--eval_only"])
-def test_missing_checkpoint_fails_before_data_preparation(tmp_path, flag):
-    code, err = run_cli("train.py", "--size", "tiny", "--data", CORPUS, "--cache_dir", str(tmp_path / "cache"),
-                        "--out_dir", str(tmp_path / "out"), flag)
-    assert code != 0 and one_line_error(err, flag, "no checkpoint") and not (tmp_path / "cache").exists(), err
-
-
 # ------------------------------------------------------------------------------------------------
 # Bad input: one line, naming the flag, non-zero exit
 
