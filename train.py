@@ -270,7 +270,7 @@ def load_checkpoint(out_dir, master=True, flag="--resume"):
             if master:
                 os.replace(path, path + ".bad")
     raise ValueError(f"{flag}: " + ("; ".join(problems) if problems else
-                     f"no checkpoint in {out_dir}; train without --resume first, or pass the right --out_dir"))
+                     f"no checkpoint in {out_dir}; train there first, or pass the right --out_dir"))
 
 
 class Stop:
