@@ -44,6 +44,35 @@ def get_encoding():
                          f"TIKTOKEN_CACHE_DIR to a folder holding its files, e.g. ../shared/data/tiktoken_cache")
 
 
+
+GPT2_FILES = "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/"  # what tiktoken builds its gpt2 from
+
+
+def transformers_tokenizer(max_len=512):
+    """
+    This tokenizer as a transformers one (for an exported model): gpt2's byte-level BPE from the files
+    tiktoken reads (its cache), our four special tokens at their ids, and rows laid out as ours:
+    [CLS] a [SEP], pairs [CLS] a [SEP] b [SEP] with token types 0 then 1. [MASK] takes the space
+    before it, as a masked word took its space in pretraining ("Paris is the [MASK] of France").
+    """
+    from tiktoken.load import read_file_cached
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+    get_encoding()  # offline without the cache: its one-line error
+    vocab = json.loads(read_file_cached(GPT2_FILES + "encoder.json"))
+    merges = [tuple(line.split()) for line in read_file_cached(GPT2_FILES + "vocab.bpe").decode().splitlines()[1:] if line]
+    bpe = Tokenizer(models.BPE(vocab, merges))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    specials = {"[PAD]": PAD, "[CLS]": CLS, "[SEP]": SEP, "[MASK]": MASK}
+    bpe.add_special_tokens([AddedToken(t, lstrip=t == "[MASK]", normalized=False) for t in specials])
+    assert all(bpe.token_to_id(t) == i for t, i in specials.items()), "gpt2's vocabulary should end at <|endoftext|>"
+    bpe.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+                                                       special_tokens=[("[CLS]", CLS), ("[SEP]", SEP)])
+    return PreTrainedTokenizerFast(tokenizer_object=bpe, model_max_length=max_len, pad_token="[PAD]",
+                                   cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]",
+                                   model_input_names=["input_ids", "token_type_ids", "attention_mask"])
+
 # ---------------------------------------------------------------------------------------------
 # Reading documents. A source yields (text, ends_document, progress) pieces, progress counting the
 # bytes (local files) or rows (hub) consumed so far; a document longer than PIECE_CHARS arrives in

@@ -25,7 +25,7 @@ from torch import nn
 from tqdm import tqdm
 
 from data import CLS, PAD, SEP, VOCAB_SIZE, get_encoding
-from model import SIZES, Bert, BertConfig
+from model import SIZES, Bert, BertConfig, from_transformers
 from train import OneLineParser, TrainConfig, lr_at, model_config
 
 WEIGHT_DECAY = 0.01
@@ -209,11 +209,18 @@ def read_task(task, data_dir, max_train):
 # Tokens and batches
 
 def encode_pair(enc, a, b, max_len):
-    """[CLS] a [SEP] (b [SEP]) -> (ids, token types), at most max_len tokens: the longer text loses its last token first."""
+    """
+    [CLS] a [SEP] (b [SEP]) -> (ids, token types), at most max_len tokens. Too long, the longer text loses its
+    end first, and where both must lose, the shorter keeps half the room: transformers' "longest_first", so
+    that the exported tokenizer truncates as we do.
+    """
     a, b = enc.encode_ordinary(a), None if b is None else enc.encode_ordinary(b)
     room = max_len - (2 if b is None else 3)
-    while len(a) + len(b or []) > room:
-        (a if b is None or len(a) >= len(b) else b).pop()
+    if b is None:
+        a = a[:room]
+    elif len(a) + len(b) > room:
+        n_short = min(len(a), len(b), room // 2)
+        a, b = (a[:n_short], b[:room - n_short]) if len(a) <= len(b) else (a[:room - n_short], b[:n_short])
     ids = [CLS] + a + [SEP] + ([] if b is None else b + [SEP])
     return ids, [0] * (len(a) + 2) + [1] * (len(ids) - len(a) - 2)
 
@@ -371,12 +378,19 @@ def load_init(args):
         arch = model_config(TrainConfig(size=args.size))  # train.py's default architecture at that size
         return SimpleNamespace(model_config=asdict(arch), state=None,
                                source=f"random init, --size {args.size} --position {arch.position} --norm {arch.norm}")
-    if not os.path.isfile(args.ckpt):
+    if os.path.isdir(args.ckpt):  # a transformers model (train.py --export wrote it, or it was trained there since)
+        try:
+            bert = from_transformers(args.ckpt)
+        except ValueError as e:
+            raise ValueError(f"--ckpt: {e}") from None
+        ckpt = dict(model=bert.state_dict(), model_config=asdict(bert.cfg), config=dict(size="-", mode="-"), step="-")
+    elif not os.path.isfile(args.ckpt):
         raise ValueError(f"--ckpt {args.ckpt} does not exist; pass a checkpoint written by train.py (its --out_dir/ckpt.pt)")
-    try:
-        ckpt = torch.load(args.ckpt, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ValueError(f"--ckpt {args.ckpt} is not a PyTorch checkpoint ({type(e).__name__}); pass one written by train.py")
+    else:
+        try:
+            ckpt = torch.load(args.ckpt, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise ValueError(f"--ckpt {args.ckpt} is not a PyTorch checkpoint ({type(e).__name__}); pass one written by train.py")
     if not isinstance(ckpt, dict) or not {"model", "model_config"} <= set(ckpt):
         raise ValueError(f"--ckpt {args.ckpt} is not a train.py checkpoint (no \"model\" and \"model_config\" entries)")
     cfg = ckpt["model_config"]
@@ -416,7 +430,8 @@ def comma_list(text, kind, flag):
 def parse_args(argv=None):
     p = OneLineParser(description=__doc__)
     p.add_argument("--task", required=True, help=f"a task ({', '.join(TASKS)}), glue, superglue, or a comma list")
-    p.add_argument("--ckpt", help="a checkpoint written by train.py (its --out_dir/ckpt.pt)")
+    p.add_argument("--ckpt", help="a checkpoint written by train.py (its --out_dir/ckpt.pt), or a transformers model "
+                   "folder of this tokenizer's vocabulary (train.py --export; not a WordPiece BERT: the tasks are tokenized with gpt2 BPE)")
     p.add_argument("--init", default="checkpoint", choices=["checkpoint", "random"],
                    help="random: the same architecture from random weights, the floor a checkpoint must clear")
     p.add_argument("--size", default="mini", choices=list(SIZES), help="the architecture of --init random without --ckpt")

@@ -203,3 +203,108 @@ class Bert(nn.Module):
         per_row = sum(layer(queries[s], keys[s]) for s in schedule)
         head = 2 * n_masked * C * C + 2 * n_masked * C * V
         return batch_size * (per_row + head)
+
+
+# --- Hugging Face transformers interop: the same function in the transformers class that has it ---
+
+# (norm, position) -> the transformers class that computes what our Bert computes; the others have none.
+TRANSFORMERS_CLASSES = {("post", "absolute"): "BertForMaskedLM", ("post", "rotary"): "RoFormerForMaskedLM",
+                        ("pre", "absolute"): "RobertaPreLayerNormForMaskedLM"}
+
+
+def _transformers_names(cfg, cls_name):
+    """
+    Our state_dict names -> the transformers names of the same weights (qkv is their query, key and
+    value stacked). Tied weights (the decoder = the token embeddings, its bias = the MLM bias) and
+    RoFormer's fixed sinusoid table are left to transformers.
+    """
+    pre = cfg.norm == "pre"  # only RobertaPreLayerNorm: its own names for the head and the LayerNorms
+    base = {"BertForMaskedLM": "bert", "RoFormerForMaskedLM": "roformer",
+            "RobertaPreLayerNormForMaskedLM": "roberta_prelayernorm"}[cls_name]
+    emb, head = f"{base}.embeddings", "lm_head" if pre else "cls.predictions"
+    modules = {"tok_emb": [f"{emb}.word_embeddings"], "type_emb": [f"{emb}.token_type_embeddings"],
+               "emb_ln": [f"{emb}.LayerNorm"], "mlm_dense": [f"{head}.dense" if pre else f"{head}.transform.dense"],
+               "mlm_ln": [f"{head}.layer_norm" if pre else f"{head}.transform.LayerNorm"]}
+    if cfg.position == "absolute":
+        modules["pos_emb"] = [f"{emb}.position_embeddings"]
+    if pre:
+        modules["ln_f"] = [f"{base}.LayerNorm"]
+    ln1, ln2 = ("attention.LayerNorm", "intermediate.LayerNorm") if pre else ("attention.output.LayerNorm", "output.LayerNorm")
+    for i in range(cfg.n_layer):
+        layer = f"{base}.encoder.layer.{i}"
+        modules |= {f"layers.{i}.attn.qkv": [f"{layer}.attention.self.{n}" for n in ("query", "key", "value")],
+                    f"layers.{i}.attn.proj": [f"{layer}.attention.output.dense"],
+                    f"layers.{i}.ln1": [f"{layer}.{ln1}"], f"layers.{i}.ln2": [f"{layer}.{ln2}"],
+                    f"layers.{i}.ffn.0": [f"{layer}.intermediate.dense"], f"layers.{i}.ffn.2": [f"{layer}.output.dense"]}
+    params = {"mlm_bias": [f"{head}.bias"]}
+    for ours, theirs in modules.items():
+        for p in ("weight",) if ours.endswith("_emb") else ("weight", "bias"):
+            params[f"{ours}.{p}"] = [f"{n}.{p}" for n in theirs]
+    return params
+
+
+def _transformers():
+    try:
+        import transformers
+    except ImportError:
+        raise ValueError("this needs the transformers package: pip install transformers") from None
+    return transformers
+
+
+def to_transformers(model, pad_token_id):
+    """Our Bert -> the transformers model that computes the same logits (TRANSFORMERS_CLASSES), or ValueError."""
+    cfg = model.cfg
+    cls_name = TRANSFORMERS_CLASSES.get((cfg.norm, cfg.position))
+    if cls_name is None:
+        raise ValueError(f"--position {cfg.position} with --norm {cfg.norm} has no transformers class that computes "
+                         f"the same function (exportable: {', '.join(f'{p}/{n}' for n, p in TRANSFORMERS_CLASSES)})")
+    t = _transformers()
+    kw = dict(vocab_size=cfg.vocab_size, hidden_size=cfg.n_embd, num_hidden_layers=cfg.n_layer,
+              num_attention_heads=cfg.n_head, intermediate_size=4 * cfg.n_embd, hidden_act="gelu",
+              hidden_dropout_prob=cfg.dropout, attention_probs_dropout_prob=cfg.dropout,
+              max_position_embeddings=cfg.max_position, type_vocab_size=cfg.type_vocab_size,
+              layer_norm_eps=1e-12, pad_token_id=pad_token_id)
+    if cls_name == "RobertaPreLayerNormForMaskedLM":
+        kw["pad_token_id"] = -1  # RoBERTa numbers positions from pad_token_id + 1: -1 makes them ours, 0..T-1
+    config = getattr(t, cls_name.replace("ForMaskedLM", "Config"))(**kw)
+    hf = getattr(t, cls_name)(config).eval()
+    ours = model.state_dict()
+    theirs = {n: w for name, names in _transformers_names(cfg, cls_name).items()
+              for n, w in zip(names, ours[name].chunk(len(names)))}
+    hf.load_state_dict(theirs, strict=False)
+    return hf
+
+
+def from_transformers(hf):
+    """
+    A transformers model of a class in TRANSFORMERS_CLASSES, or the folder it was saved in -> our Bert
+    with the same weights, or ValueError naming what differs.
+    """
+    if isinstance(hf, str):
+        auto = _transformers().AutoModelForMaskedLM
+        try:
+            hf = auto.from_pretrained(hf)
+        except (OSError, ValueError) as e:
+            raise ValueError(f"{hf} does not load as a transformers masked LM ({str(e).splitlines()[0][:120]})") from None
+    cls_name, c = type(hf).__name__, hf.config
+    variants = {name: variant for variant, name in TRANSFORMERS_CLASSES.items()}
+    if cls_name not in variants:
+        raise ValueError(f"cannot import {cls_name}: model.Bert computes what {', '.join(variants)} compute, no other class")
+    norm, position = variants[cls_name]
+    want = dict(hidden_act="gelu", intermediate_size=4 * c.hidden_size, layer_norm_eps=1e-12, is_decoder=False,
+                position_embedding_type="absolute", embedding_size=c.hidden_size, rotary_value=False,
+                pad_token_id=-1 if cls_name == "RobertaPreLayerNormForMaskedLM" else c.pad_token_id)
+    differ = [f"{k}={getattr(c, k)!r} (ours: {v!r})" for k, v in want.items() if getattr(c, k, v) != v]
+    decoder = hf.get_output_embeddings().weight
+    if decoder is not hf.get_input_embeddings().weight and not torch.equal(decoder, hf.get_input_embeddings().weight):
+        differ.append("an output layer not tied to the token embeddings")
+    if differ:
+        raise ValueError(f"cannot import this {cls_name}: {', '.join(differ)}")
+    cfg = BertConfig(vocab_size=c.vocab_size, n_layer=c.num_hidden_layers, n_head=c.num_attention_heads,
+                     n_embd=c.hidden_size, max_position=c.max_position_embeddings, type_vocab_size=c.type_vocab_size,
+                     dropout=c.hidden_dropout_prob, position=position, norm=norm)
+    model = Bert(cfg)
+    theirs = hf.state_dict()
+    model.load_state_dict({name: torch.cat([theirs[n] for n in names])
+                           for name, names in _transformers_names(cfg, cls_name).items()})
+    return model

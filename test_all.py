@@ -28,7 +28,8 @@ import finetune  # noqa: E402
 import train  # noqa: E402
 from dropping import FIRST, LAST, Router, layer_schedule  # noqa: E402
 from loss import cls_kl, mlm_loss, sctd_loss  # noqa: E402
-from model import NORMS, POSITIONS, SIZES, Bert, BertConfig, SelfAttention, rotate  # noqa: E402
+from model import (NORMS, POSITIONS, SIZES, Bert, BertConfig, SelfAttention, from_transformers, rotate,  # noqa: E402
+                   to_transformers)
 
 VARIANTS = [(p, n) for p in POSITIONS for n in NORMS]
 
@@ -883,3 +884,126 @@ def test_bad_finetune_input(args, flag, bad_ckpts, capsys):
         finetune.main(["--data_dir", SHARED, *args])
     err = str(e.value.code) if isinstance(e.value.code, str) else capsys.readouterr().err
     assert e.value.code != 0 and one_line_error(err, flag), err
+
+
+# ------------------------------------------------------------------------------------------------
+# transformers interop (a test requirement: pip install -r requirements-test.txt)
+
+def corpus_texts(n):
+    """The first n paragraphs of the corpus, as they stand."""
+    import lzma
+    texts = []
+    with lzma.open(CORPUS, "rt") as f:
+        for line in f:
+            texts += [p for p in json.loads(line)["text"].split("\n") if p.strip()]
+            if len(texts) >= n:
+                return texts[:n]
+
+
+EXPORTS = [("full", "absolute", "post", "BertForMaskedLM"), ("drop", "rotary", "post", "RoFormerForMaskedLM"),
+           ("sctd", "absolute", "pre", "RobertaPreLayerNormForMaskedLM")]
+
+
+@pytest.mark.parametrize("mode,position,norm,cls_name", EXPORTS)
+def test_export_gives_the_same_logits_in_transformers(cache, tmp_path, mode, position, norm, cls_name):
+    transformers = pytest.importorskip("transformers")
+    run_train(tmp_path, cache, "--steps", 3, "--eval_every", 3, "--mode", mode, "--keep", "0.75",
+              "--position", position, "--norm", norm, "--sctd_interval", 2)
+    train.main(["--out_dir", str(tmp_path), "--export", str(tmp_path / "hf")])
+    hf = transformers.AutoModelForMaskedLM.from_pretrained(tmp_path / "hf").eval()
+    tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    assert type(hf).__name__ == cls_name
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    ours = Bert(BertConfig(**ckpt["model_config"])).eval()
+    ours.load_state_dict(ckpt["model"])
+    batch = tok(corpus_texts(4), max_length=48, truncation=True, padding="max_length", return_tensors="pt")
+    masked = torch.tensor([[3, 10, 20, 30]] * 4)
+    batch["input_ids"].scatter_(1, masked, data.MASK)
+    with torch.no_grad():
+        _, h = ours.encode(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"].bool())
+        want = ours.mlm_logits(h, masked)
+        got = hf(**batch).logits.gather(1, masked[..., None].expand(-1, -1, want.shape[-1]))
+    assert (got - want).abs().max() < 1e-4 and want.std() > 0.1
+
+
+def test_exported_tokenizer_gives_our_ids():
+    transformers = pytest.importorskip("transformers")
+    enc = data.get_encoding()
+    tok = data.transformers_tokenizer()
+    texts = corpus_texts(300)
+    assert tok(texts)["input_ids"] == [[data.CLS] + enc.encode_ordinary(t) + [data.SEP] for t in texts]
+    for max_len in (10_000, 64):  # [CLS] a [SEP] b [SEP], token types 0 then 1, truncated as finetune.py does
+        pairs = tok(texts[:100], texts[100:200], max_length=max_len, truncation="longest_first")
+        assert list(zip(pairs["input_ids"], pairs["token_type_ids"])) == \
+            [finetune.encode_pair(enc, a, b, max_len) for a, b in zip(texts[:100], texts[100:200])]
+    assert tok("Paris is the [MASK] of France.")["input_ids"] == \
+        [data.CLS, *enc.encode_ordinary("Paris is the"), data.MASK, *enc.encode_ordinary(" of France."), data.SEP]
+    assert isinstance(tok, transformers.PreTrainedTokenizerBase)
+
+
+def test_import_a_transformers_bert_gives_the_same_logits():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    hf = transformers.BertForMaskedLM(transformers.BertConfig(
+        vocab_size=1000, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256)).eval()
+    ours = from_transformers(hf).eval()
+    ids, types = torch.randint(0, 1000, (2, 40)), torch.randint(0, 2, (2, 40))
+    with torch.no_grad():
+        want = hf(input_ids=ids, token_type_ids=types).logits
+        _, h = ours.encode(ids, types)
+        got = ours.mlm_logits(h, torch.arange(40).expand(2, -1))
+    assert (got - want).abs().max() < 1e-4 and want.std() > 0.1
+
+
+def test_continued_pretraining_and_finetuning_start_from_an_export(cache, tmp_path, capsys):
+    pytest.importorskip("transformers")
+    run_train(tmp_path / "a", cache, "--steps", 2, "--eval_every", 2, "--position", "absolute")
+    train.main(["--out_dir", str(tmp_path / "a"), "--export", str(tmp_path / "hf")])
+    run_train(tmp_path / "b", cache, "--steps", 1, "--eval_every", 1, "--init_from", tmp_path / "hf", "--lr", "1e-9")
+    assert "following --init_from" in capsys.readouterr().err  # absolute, not the default rotary
+    a, b = (torch.load(tmp_path / d / "ckpt.pt", weights_only=True)["model"] for d in "ab")
+    assert max((a[k] - b[k]).abs().max() for k in a) < 1e-6  # lr 1e-9: one step moves nothing; a fresh init differs by ~0.02
+    init = finetune.load_init(finetune.parse_args(["--task", "rte", "--ckpt", str(tmp_path / "hf")]))
+    assert all(torch.equal(init.state[k], a[k]) for k in a)
+
+
+@pytest.fixture(scope="module")
+def foreign_models(tmp_path_factory):
+    transformers = pytest.importorskip("transformers")
+    folder = tmp_path_factory.mktemp("foreign")
+    small = dict(vocab_size=data.VOCAB_SIZE, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
+    transformers.DistilBertForMaskedLM(transformers.DistilBertConfig(
+        vocab_size=data.VOCAB_SIZE, n_layers=1, n_heads=2, dim=16, hidden_dim=64)).save_pretrained(folder / "distil")
+    transformers.BertForMaskedLM(transformers.BertConfig(hidden_size=16, hidden_act="gelu_new", **small)).save_pretrained(folder / "gelu_new")
+    (folder / "full").mkdir()
+    (folder / "full" / "keep.txt").write_text("mine")
+    (folder / "foreign").mkdir()
+    torch.save({"weights": torch.zeros(2)}, folder / "foreign" / "ckpt.pt")
+    return folder
+
+
+BAD_INTEROP = [
+    (["--export", "{f}/full"], "--export", "not empty"),
+    (["--out_dir", "{f}/foreign", "--export", "{f}/out"], "--export", "not a train.py checkpoint"),
+    (["--init_from", "{f}/distil"], "--init_from", "DistilBertForMaskedLM"),
+    (["--init_from", "{f}/gelu_new"], "--init_from", "hidden_act='gelu_new'"),
+    (["--init_from", "{f}/full"], "--init_from", "does not load"),
+]
+
+
+@pytest.mark.parametrize("args,flag,words", BAD_INTEROP)
+def test_bad_interop_input(args, flag, words, foreign_models, cache, capsys):
+    before = sorted(p.name for p in foreign_models.rglob("*"))
+    with pytest.raises(SystemExit) as e:
+        train.main(["--size", "tiny", "--data", CORPUS, "--cache_dir", cache, *(a.format(f=foreign_models) for a in args)])
+    err = str(e.value.code) if isinstance(e.value.code, str) else capsys.readouterr().err
+    assert e.value.code != 0 and one_line_error(err, flag, words), err
+    assert sorted(p.name for p in foreign_models.rglob("*")) == before  # nothing written, nothing set aside
+
+
+def test_a_variant_without_a_transformers_class_is_refused():
+    pytest.importorskip("transformers")
+    with pytest.raises(ValueError, match="no transformers class"):
+        to_transformers(tiny_model(position="rotary", norm="pre"), pad_token_id=data.PAD)
+    with pytest.raises(ValueError, match="no transformers class"):
+        to_transformers(tiny_model(position="alibi"), pad_token_id=data.PAD)

@@ -23,10 +23,10 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from data import (CLS, DEFAULT_CONFIG, DEFAULT_DATA, PAD, SPECIAL_IDS, VOCAB_SIZE, Batches, cache_folder,
-                  load_tokens, n_masked, prepare, shuffle_order)
+                  load_tokens, n_masked, prepare, shuffle_order, transformers_tokenizer)
 from dropping import ROUTERS, Router, kept_count
 from loss import mlm_loss, sctd_loss, semantic_drift
-from model import NORMS, POSITIONS, SIZES, Bert, BertConfig
+from model import NORMS, POSITIONS, SIZES, Bert, BertConfig, from_transformers, to_transformers
 
 MODES = ("full", "drop", "sctd")
 VAL_SEED = 0  # validation batches (and their masking) are the same for every run and mode
@@ -84,6 +84,13 @@ class TrainConfig:
     max_bad_steps: int = arg(10, "stop after this many non-finite steps in a row")
     prepare_only: bool = arg(False, "tokenize --data into --cache_dir and exit (e.g. once, before a multi-node run)",
                              action="store_true")
+    init_from: str = arg(None, "start from a transformers model (a folder --export wrote, or a BertForMaskedLM of this "
+                         "tokenizer's vocabulary) instead of random weights: continued pretraining. A WordPiece BERT "
+                         "(bert-base-uncased) loads in Python with model.from_transformers, but not here: the data "
+                         "is gpt2 BPE", type=str)
+    export: str = arg(None, "write the checkpoint in --out_dir to this folder as a transformers model and tokenizer "
+                      "(AutoModelForMaskedLM/AutoTokenizer.from_pretrained read it) and exit", type=str)
+    overwrite: bool = arg(False, "--export into a folder that is not empty", action="store_true")
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -266,7 +273,8 @@ def load_checkpoint(out_dir, master=True, flag="--resume"):
             return state
         except Exception as e:
             problems.append(f"{path} is unreadable ({str(e).splitlines()[0][:80]})")
-            print(f"warning: {problems[-1]}; set aside as {name}.bad, trying the previous checkpoint", file=sys.stderr)
+            aside = f"; set aside as {name}.bad" if master else ""
+            print(f"warning: {problems[-1]}{aside}, trying the previous checkpoint", file=sys.stderr)
             if master:
                 os.replace(path, path + ".bad")
     raise ValueError(f"{flag}: " + ("; ".join(problems) if problems else
@@ -318,15 +326,31 @@ def model_config(cfg):
     return BertConfig(**SIZES[cfg.size], dropout=cfg.dropout, position=cfg.position, norm=cfg.norm)
 
 
-def follow_checkpoint(cfg, state):
-    """--resume/--eval_only: the architecture is the checkpoint's, whatever the flags say (a note names what differs)."""
-    arch = BertConfig(**state["model_config"])  # a checkpoint older than the switches gets their defaults: BERT's
-    saved = dict(size=state["config"]["size"], position=arch.position, norm=arch.norm)
+def follow(cfg, arch, source):
+    """--resume/--eval_only/--init_from: the architecture is the source's, whatever the flags say (a note names what differs)."""
+    size = next((s for s, dims in SIZES.items() if dims == dict(n_layer=arch.n_layer, n_embd=arch.n_embd, n_head=arch.n_head)), None)
+    if size is None or arch.vocab_size != VOCAB_SIZE:
+        raise ValueError(f"{source} has {arch.n_layer} layers, {arch.n_head} heads of {arch.n_embd} and {arch.vocab_size} ids: "
+                         f"not a --size of model.SIZES with data.py's {VOCAB_SIZE}-id vocabulary")
+    saved = dict(size=size, position=arch.position, norm=arch.norm)
     differ = [f"--{k} {v}" for k, v in saved.items() if v != getattr(cfg, k)]
     if differ:
-        print(f"note: following the checkpoint in {cfg.out_dir}: {' '.join(differ)}", file=sys.stderr)
+        print(f"note: following {source}: {' '.join(differ)}", file=sys.stderr)
     for k, v in saved.items():
         setattr(cfg, k, v)
+
+
+def export(cfg):
+    """--export: the checkpoint in --out_dir -> a transformers folder (model + tokenizer); nothing is written on bad input."""
+    if os.path.isdir(cfg.export) and os.listdir(cfg.export) and not cfg.overwrite:
+        raise ValueError(f"--export {cfg.export} exists and is not empty; pass --overwrite to write into it")
+    state = load_checkpoint(cfg.out_dir, master=False, flag="--export")
+    model = Bert(BertConfig(**state["model_config"]))
+    model.load_state_dict(state["model"])
+    hf = to_transformers(model, pad_token_id=PAD)
+    hf.save_pretrained(cfg.export)
+    transformers_tokenizer(model.cfg.max_position).save_pretrained(cfg.export)
+    print(f"wrote {cfg.export}: {type(hf).__name__} of the step-{state['step']} checkpoint in {cfg.out_dir}, and its tokenizer")
 
 
 def build(cfg, device):
@@ -354,11 +378,20 @@ def example_ids(step, micro, cfg, rank, world):
 
 def train(cfg):
     check(cfg)
+    if cfg.export:
+        return export(cfg)
     rank, world, device, autocast = setup(cfg)
-    master, state = rank == 0, None
+    master, state, init = rank == 0, None, None
     if cfg.resume or cfg.eval_only:  # before any data work: a missing checkpoint is an error at once
         state = load_checkpoint(cfg.out_dir, master, "--eval_only" if cfg.eval_only else "--resume")
-        follow_checkpoint(cfg, state)
+        # a checkpoint older than the architecture switches gets their defaults: BERT's
+        follow(cfg, BertConfig(**state["model_config"]), f"the checkpoint in {cfg.out_dir}")
+    elif cfg.init_from:
+        try:
+            init = from_transformers(cfg.init_from)
+        except ValueError as e:
+            raise ValueError(f"--init_from: {e}") from None
+        follow(cfg, init.cfg, f"--init_from {cfg.init_from}")
     cfg.batch_size = cfg.batch_size or max(1, 256 // world)
     cfg.warmup = min(10_000, cfg.steps // 10) if cfg.warmup is None else cfg.warmup
     cfg.lr = cfg.lr or {"base": 1e-4, "large": 1e-4, "small": 5e-4, "medium": 5e-4}.get(cfg.size, 1e-3)
@@ -398,6 +431,8 @@ def train(cfg):
         if master:
             print(f"resumed from step {step}")
     else:
+        if init is not None:
+            model.load_state_dict(init.state_dict())
         torch.manual_seed(cfg.seed + rank)  # dropout differs per rank; the weights above do not
     fwd = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else model
     fwd = torch.compile(fwd) if cfg.compile else fwd
