@@ -44,7 +44,6 @@ def get_encoding():
                          f"TIKTOKEN_CACHE_DIR to a folder holding its files, e.g. ../shared/data/tiktoken_cache")
 
 
-
 GPT2_FILES = "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/"  # what tiktoken builds its gpt2 from
 
 
@@ -72,6 +71,7 @@ def transformers_tokenizer(max_len=512):
     return PreTrainedTokenizerFast(tokenizer_object=bpe, model_max_length=max_len, pad_token="[PAD]",
                                    cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]",
                                    model_input_names=["input_ids", "token_type_ids", "attention_mask"])
+
 
 # ---------------------------------------------------------------------------------------------
 # Reading documents. A source yields (text, ends_document, progress) pieces, progress counting the

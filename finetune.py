@@ -309,7 +309,7 @@ def evaluate(model, task, examples, batch_size, device, autocast):
 def finetune(task, data, init, args, lr, seed):
     """One run: fine-tune on data["train"] from init's weights; returns {metric + dev suffix: score}."""
     torch.manual_seed(seed)  # the head, dropout, and with --init random the whole model
-    bert = Bert(BertConfig(**init.model_config))
+    bert = Bert(BertConfig(**dict(init.model_config, dropout=args.dropout)))  # pretraining's own may be 0
     if init.state is not None:
         bert.load_state_dict(init.state)
     model = Classifier(bert, task.n_out).to(args.device)
@@ -441,6 +441,8 @@ def parse_args(argv=None):
     p.add_argument("--epochs", type=int, default=3, help="passes over the training set")
     p.add_argument("--batch_size", type=int, default=32, help="examples per step")
     p.add_argument("--warmup", type=float, default=0.1, help="fraction of the steps warming up linearly; then linear decay to 0")
+    p.add_argument("--dropout", type=float, default=0.1,
+                   help="dropout in the encoder and on [CLS] before the head (BERT's 0.1), whatever pretraining used")
     p.add_argument("--seeds", default="0", help="comma list of seeds (head, dropout, order; the weights with --init random)")
     p.add_argument("--max_train", type=int, help="fine-tune on a fixed random subset of this many training examples")
     p.add_argument("--max_len", type=int, default=128, help="tokens per sequence; longer pairs lose tokens from the longer text")
@@ -459,6 +461,7 @@ def run(args):
     rules = [
         (8 <= args.max_len <= positions, f"--max_len {args.max_len} is outside 8..{positions} (the model's positions)"),
         (all(lr > 0 for lr in lrs), f"--lr {args.lr} must be positive"),
+        (0 <= args.dropout < 1, f"--dropout {args.dropout} is a probability, in [0, 1)"),
         (args.epochs >= 1 and args.batch_size >= 1, "--epochs and --batch_size must be at least 1"),
         (0 <= args.warmup < 1, f"--warmup {args.warmup} is a fraction of the steps, in [0, 1)"),
         (args.max_train is None or args.max_train >= 1, f"--max_train {args.max_train} must be at least 1"),

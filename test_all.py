@@ -873,6 +873,7 @@ BAD_INPUT = [
     (["--task", "sst2", "--ckpt", "{bad}/vocab.pt"], "vocabulary"),
     (["--task", "sst2", "--init", "random", "--max_len", "1024"], "--max_len"),
     (["--task", "sst2", "--init", "random", "--lr", "fast"], "--lr"),
+    (["--task", "sst2", "--init", "random", "--dropout", "1.5"], "--dropout"),
     (["--task", "sst2", "--init", "random", "--size", "huge"], "--size"),
 ]
 
