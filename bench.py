@@ -6,6 +6,7 @@ the one its FLOPs predict and, on GPUs, the achieved FLOP/s against the device's
     python bench.py                  # GPU: base, seq 512, bf16, compiled; CPU: mini, seq 128, batch 16, fp32
     python bench.py --sizes mini small --seq_lens 128 512 --json bench.json
     python bench.py --compare hf     # + transformers.BertForMaskedLM at the same shape (pip install transformers)
+    python bench.py --runs out/full out/drop --plot curves.png   # finished train.py runs: time to a target loss
 
 The modes run interleaved, one step of each per round (in an order that rotates), so that a change
 in the machine's load hits them alike; each row is the median step after the warm-up rounds (where
@@ -51,6 +52,12 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=5, help="untimed rounds first (compilation happens here)")
     p.add_argument("--compare", choices=["hf"], help="hf: add transformers.BertForMaskedLM at the same shape as a peer row")
     p.add_argument("--json", help="also write the results to this file")
+    p.add_argument("--runs", nargs="+", help="instead of timing steps, compare finished train.py runs (their --out_dir): "
+                   "the time each took to reach --target_loss, from log.jsonl")
+    p.add_argument("--target_loss", type=float, help="--runs: the validation loss to time (default: the highest of "
+                   "the runs' best, so that every run reaches it)")
+    p.add_argument("--plot", help="--runs: also draw validation loss against training time and tokens into this "
+                   "image (needs matplotlib: pip install matplotlib)")
     return p.parse_args(argv)
 
 
@@ -69,7 +76,7 @@ def our_step(cfg, device, autocast, batches):
     model, router, opt, scaler = train.build(cfg, device)
     fwd = torch.compile(model) if cfg.compile else model
     every = cfg.sctd_interval if cfg.mode == "sctd" else 1
-    return lambda r: train.train_step(fwd, router, opt, scaler, [batches[r]], cfg, r * every, autocast), model
+    return lambda r: train.train_step(fwd, router, opt, scaler, [batches[r]], cfg, r * every, cfg.lr, autocast), model
 
 
 def hf_step(cfg, device, autocast, batches):
@@ -260,10 +267,98 @@ def benchmark(args):
     return rows
 
 
+def read_run(folder):
+    """A finished train.py run: its flags (from the checkpoint) and its evaluations (from log.jsonl), by step."""
+    try:
+        config = torch.load(os.path.join(folder, "ckpt.pt"), map_location="cpu", weights_only=True)["config"]
+        with open(os.path.join(folder, "log.jsonl")) as f:
+            records = [json.loads(line) for line in f]
+    except (OSError, KeyError, RuntimeError) as e:
+        raise ValueError(f"--runs {folder}: not a finished train.py run ({str(e).splitlines()[0][:80]})") from None
+    evals = sorted({r["step"]: r for r in records if "val_loss" in r}.values(), key=lambda r: r["step"])  # a resume repeats steps
+    if not evals or "train_time" not in evals[-1]:
+        raise ValueError(f"--runs {folder}: log.jsonl has no evaluation with train_time (a run older than that field)")
+    return dict(name=os.path.basename(os.path.normpath(folder)), config=config, evals=evals)
+
+
+def time_to(evals, target):
+    """Training seconds at which the validation loss first reached target, linear between evaluations; None if never."""
+    for before, r in zip([None] + evals, evals):
+        if r["val_loss"] <= target:
+            if before is None:
+                return r["train_time"]
+            frac = (before["val_loss"] - target) / (before["val_loss"] - r["val_loss"])
+            return before["train_time"] + frac * (r["train_time"] - before["train_time"])
+    return None
+
+
+def compare_runs(args):
+    """--runs: one row per run (the last evaluation, time to the target loss, saving against full of the same seed)."""
+    runs = [read_run(folder) for folder in args.runs]
+    target = args.target_loss or max(min(r["val_loss"] for r in run["evals"]) for run in runs)
+    full_time = {run["config"]["seed"]: time_to(run["evals"], target) for run in runs if run["config"]["mode"] == "full"}
+    rows = []
+    for run in runs:
+        cfg, last = run["config"], run["evals"][-1]
+        t, t_full = time_to(run["evals"], target), full_time.get(cfg["seed"])
+        rows.append(dict(run=run["name"], mode=cfg["mode"], router=cfg["router"] if cfg["mode"] != "full" else None,
+                         seed=cfg["seed"], budget_min=cfg.get("time_budget"), steps=last["step"] + 1,
+                         tokens_M=last["tokens"] / 1e6, steps_per_s=(last["step"] + 1) / last["train_time"],
+                         val_loss=last["val_loss"], order_gap=last["val_order_gap"],
+                         drift_kl_local=last.get("drift_kl_local"), drift_kl_global=last.get("drift_kl_global"),
+                         drift_cos_global=last.get("drift_cos_global"),
+                         target_min=None if t is None else t / 60,
+                         saving=None if None in (t, t_full) or cfg["mode"] == "full" else 1 - t / t_full))
+    cols = [("run", "run", "{}"), ("mode", "mode", "{}"), ("router", "router", "{}"), ("seed", "seed", "{}"),
+            ("budget (min)", "budget_min", "{:g}"), ("steps", "steps", "{}"), ("tokens", "tokens_M", "{:.2f}M"),
+            ("steps/s", "steps_per_s", "{:.3f}"), ("val loss", "val_loss", "{:.3f}"), ("order gap", "order_gap", "{:.3f}"),
+            ("drift KL local", "drift_kl_local", "{:.2e}"), ("drift KL global", "drift_kl_global", "{:.2e}"),
+            ("drift cos global", "drift_cos_global", "{:.4f}"), (f"min to {target:.3f}", "target_min", "{:.1f}"),
+            ("saving vs full", "saving", "{:+.0%}")]
+    print("| " + " | ".join(head for head, _, _ in cols) + " |\n|" + "---|" * len(cols))
+    for row in rows:
+        print("| " + " | ".join("-" if row[key] is None else fmt.format(row[key]) for _, key, fmt in cols) + " |")
+    print(f"val loss, order gap, drift: the last evaluation. min to {target:.3f}: training minutes (evaluations not "
+          f"counted) until the validation loss first reached {target:.3f}, linear between evaluations; saving vs full: "
+          f"1 - that time / the full run's of the same seed.")
+    if args.plot:
+        plot_runs(runs, target, args.plot)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(target_loss=target, command=" ".join(sys.argv), rows=rows), f, indent=1)
+    return rows
+
+
+def plot_runs(runs, target, path):
+    """Validation loss against training minutes and against tokens seen, one line per run."""
+    try:
+        import matplotlib
+    except ImportError:
+        raise ValueError("--plot needs matplotlib (optional, not in requirements.txt): pip install matplotlib") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+    for run in runs:
+        cfg = run["config"]
+        label = cfg["mode"] if cfg["mode"] == "full" else f"{cfg['mode']} ({cfg['router']} router)"
+        style = dict(label=f"{label}, seed {cfg['seed']}", marker=".", linestyle="-" if cfg["seed"] == 1337 else "--")
+        axes[0].plot([r["train_time"] / 60 for r in run["evals"]], [r["val_loss"] for r in run["evals"]], **style)
+        axes[1].plot([r["tokens"] / 1e6 for r in run["evals"]], [r["val_loss"] for r in run["evals"]], **style)
+    for ax, xlabel in zip(axes, ["training minutes (evaluations not counted)", "training tokens (millions)"]):
+        ax.axhline(target, color="gray", linewidth=0.8, linestyle=":")
+        ax.set_xlabel(xlabel)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("validation MLM loss")
+    axes[1].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"plot: {path}")
+
+
 def main(argv=None):
     args = parse_args(argv)
     try:
-        benchmark(args)
+        compare_runs(args) if args.runs else benchmark(args)
     except ValueError as e:
         sys.exit(f"error: {e}")
 

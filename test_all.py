@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 from dataclasses import asdict
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -329,9 +330,9 @@ def test_sctd_full_pass_exactly_every_interval(cache, tmp_path, monkeypatch):
             full_passes.append(steps[-1])
         return forward(self, input_ids, mlm_positions, keep_idx)
 
-    def recording_step(model, router, opt, scaler, batches, cfg, step, autocast):
+    def recording_step(model, router, opt, scaler, batches, cfg, step, lr, autocast):
         steps.append(step)
-        return step_fn(model, router, opt, scaler, batches, cfg, step, autocast)
+        return step_fn(model, router, opt, scaler, batches, cfg, step, lr, autocast)
 
     monkeypatch.setattr(Bert, "forward", counting_forward)
     monkeypatch.setattr(train, "train_step", recording_step)
@@ -389,6 +390,26 @@ def test_resume_continues_the_same_curve(cache, tmp_path, mode):
         assert (ta["router"]["importance"][:50000] != 10.0).sum() > 10  # and it was learned
 
 
+def test_time_budget_ends_the_run_and_decays_the_lr_over_it(cache, tmp_path, monkeypatch):
+    ticks = iter(range(10**6))  # a fake clock that moves 0.5 s at each reading: every step takes 0.5 s
+    monkeypatch.setattr(train, "time", SimpleNamespace(perf_counter=lambda: 0.5 * next(ticks)))
+    args = ["--time_budget", 0.1, "--warmup", 2, "--eval_every", 100, "--save_every", 4]
+    log = run_train(tmp_path / "a", cache, *args)  # 6 s of budget: 12 steps
+    assert [r["step"] for r in log] == list(range(12)) and "val_loss" in log[-1]
+    assert [r["train_time"] for r in log] == [0.5 * (s + 1) for s in range(12)]
+    assert [r["tokens"] for r in log] == [(s + 1) * 4 * 32 for s in range(12)]
+    # warm-up over 2 steps, then linear in the time trained: 1 s (the end of warm-up) -> lr, 6 s -> 0
+    expected = [5e-4, 1e-3] + [1e-3 * (6 - 0.5 * s) / (6 - 1) for s in range(2, 12)]
+    assert [r["lr"] for r in log] == pytest.approx(expected)
+    assert torch.load(tmp_path / "a" / "ckpt.pt", weights_only=True)["clock"] == dict(train_time=6.0, warmup_end=1.0)
+    (tmp_path / "b").mkdir()  # resumed from step 8, the clock goes on from 4 s: the same lr to the end
+    shutil.copy(tmp_path / "a" / "ckpt_prev.pt", tmp_path / "b" / "ckpt.pt")
+    resumed = run_train(tmp_path / "b", cache, *args, "--resume")
+    assert [r["step"] for r in resumed] == list(range(8, 12))
+    assert [r["lr"] for r in resumed] == pytest.approx(expected[8:])
+    assert [r["loss"] for r in resumed] == pytest.approx([r["loss"] for r in log[8:]], abs=1e-5)
+
+
 def test_checkpoint_records_the_variant_and_everything_follows_it(cache, tmp_path, capsys):
     log = run_train(tmp_path, cache, "--steps", 4, "--eval_every", 4, "--position", "alibi", "--norm", "pre",
                     "--mode", "drop", "--keep", "0.75")
@@ -428,6 +449,8 @@ BAD_TRAIN_INPUT = [
     (["--mode", "drop", "--keep", "0.1"], "--keep"),
     (["--mode", "sctd", "--sctd_interval", "0"], "--sctd_interval"),
     (["--router", "oracle"], "--router"),
+    (["--time_budget", "0", "--warmup", "5"], "--time_budget"),
+    (["--time_budget", "60"], "--warmup"),
     (["--resume", "--out_dir", "/nonexistent/out"], "--resume"),
 ]
 
@@ -659,6 +682,38 @@ def test_bench_smoke():
     assert drop["flops_speedup"] > hybrid["flops_speedup"] > sctd["flops_speedup"]
     code, err = run_cli("bench.py", "--keep", "1.5")
     assert code != 0 and one_line_error(err, "--keep"), err
+
+
+def fake_run(folder, mode, evals):
+    """A finished run as bench.py --runs reads it: the checkpoint's config and log.jsonl's evaluations."""
+    folder.mkdir()
+    torch.save(dict(config=dict(mode=mode, router="loss", seed=1337, time_budget=0.5)), folder / "ckpt.pt")
+    with open(folder / "log.jsonl", "w") as f:
+        for step, seconds, val_loss in evals:
+            f.write(json.dumps(dict(step=step, loss=7.0, train_time=seconds, tokens=(step + 1) * 100, val_loss=val_loss,
+                                    val_order_gap=1.0)) + "\n")
+
+
+def test_bench_times_runs_to_a_target_loss(tmp_path, capsys):
+    fake_run(tmp_path / "full", "full", [(9, 10, 6.0), (19, 20, 5.0), (29, 30, 4.0)])
+    # a resumed run logs a step twice: the later record counts
+    fake_run(tmp_path / "drop", "drop", [(9, 10, 5.5), (19, 20, 9.9), (19, 20, 4.5), (29, 30, 4.2)])
+    runs = [str(tmp_path / "full"), str(tmp_path / "drop")]
+    # default target: the highest best loss, 4.2; full reaches it at 20 + 10 * 0.8 s, drop at 30 s
+    full, drop = bench.compare_runs(bench.parse_args(["--runs", *runs]))
+    assert full["target_min"] * 60 == pytest.approx(28) and drop["target_min"] * 60 == pytest.approx(30)
+    assert drop["saving"] == pytest.approx(1 - 30 / 28) and full["saving"] is None
+    assert (drop["steps"], drop["tokens_M"], drop["steps_per_s"], drop["val_loss"]) == (30, 3e-3, 1.0, 4.2)
+    full, drop = bench.compare_runs(bench.parse_args(["--runs", *runs, "--target_loss", "5.0"]))
+    assert full["target_min"] * 60 == pytest.approx(20) and drop["target_min"] * 60 == pytest.approx(15)
+    assert drop["saving"] == pytest.approx(0.25)
+    _, drop = bench.compare_runs(bench.parse_args(["--runs", *runs, "--target_loss", "4.1"]))
+    assert drop["target_min"] is None and "| - | - |" in capsys.readouterr().out  # never reached: a dash
+    code, err = run_cli("bench.py", "--runs", str(tmp_path))
+    assert code != 0 and one_line_error(err, "--runs"), err
+    pytest.importorskip("matplotlib")
+    bench.compare_runs(bench.parse_args(["--runs", *runs, "--plot", str(tmp_path / "curves.png")]))
+    assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 # ------------------------------------------------------------------------------------------------

@@ -50,6 +50,9 @@ class TrainConfig:
     batch_size: int = arg(None, "rows per micro-batch per process (default: 256 / world size)", type=int)
     grad_accum: int = arg(1, "micro-batches per optimizer step")
     steps: int = arg(1_000_000, "optimizer steps (BERT: 1M at batch 256)")
+    time_budget: float = arg(None, "minutes of training (evaluations and checkpoints not counted) after which the run "
+                             "ends; the lr then decays to 0 over that time instead of over --steps, which becomes a cap. "
+                             "For comparing modes at equal time; needs --warmup", type=float)
     lr: float = arg(None, "peak learning rate (default by size: 1e-4 for base/large, 5e-4 small/medium, 1e-3 tiny/mini)", type=float)
     warmup: int = arg(None, "linear warm-up steps, then linear decay to 0 at --steps "
                       "(default: 10%% of --steps, at most 10,000 as in BERT)", type=int)
@@ -134,6 +137,9 @@ def check(cfg):
         (cfg.grad_accum >= 1 and cfg.steps >= 1, "--grad_accum and --steps must be at least 1"),
         (0 < cfg.keep <= 1, f"--keep {cfg.keep} is outside (0, 1]"),
         (cfg.sctd_interval >= 1, f"--sctd_interval {cfg.sctd_interval} must be at least 1"),
+        (cfg.time_budget is None or cfg.time_budget > 0, f"--time_budget {cfg.time_budget} must be positive"),
+        (cfg.time_budget is None or cfg.warmup is not None,
+         "--time_budget needs --warmup (in steps: its default, 10% of --steps, has no meaning in a run that ends on time)"),
     ]
     if cfg.mode != "full" and 0 < cfg.keep <= 1:
         k, need = kept_count(cfg.keep, cfg.seq_len), M + 2
@@ -144,10 +150,16 @@ def check(cfg):
             raise ValueError(message)
 
 
-def lr_at(step, cfg):
-    """Linear warm-up to cfg.lr, then linear decay to 0 at cfg.steps."""
+def lr_at(step, cfg, clock=None):
+    """
+    Linear warm-up to cfg.lr over cfg.warmup steps, then linear decay to 0: at cfg.steps, or under
+    --time_budget at that many minutes of training (clock: seconds trained, and when warm-up ended).
+    """
     if step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
+    if cfg.time_budget:
+        budget = 60 * cfg.time_budget
+        return cfg.lr * max(0.0, (budget - clock["train_time"]) / max(1e-9, budget - clock["warmup_end"]))
     return cfg.lr * max(0.0, (cfg.steps - step) / max(1, cfg.steps - cfg.warmup))
 
 
@@ -176,9 +188,9 @@ def objective(model, router, batch, cfg, sctd_step):
     return loss, dict(mlm_drop=mlm_drop, mlm_full=mlm_full, kl_local=kl_local, kl_global=kl_global), token_losses
 
 
-def train_step(model, router, opt, scaler, batches, cfg, step, autocast):
+def train_step(model, router, opt, scaler, batches, cfg, step, lr, autocast):
     """
-    One optimizer step over the micro-batches (forward, backward, clip, AdamW, router update).
+    One optimizer step at learning rate lr over the micro-batches (forward, backward, clip, AdamW, router update).
     model: the module to call (compiled and/or DDP-wrapped). Returns a dict of floats; "skipped"
     is True when the gradient was not finite and nothing was updated.
     """
@@ -197,7 +209,7 @@ def train_step(model, router, opt, scaler, batches, cfg, step, autocast):
         for name, value in dict(loss=loss, **stats).items():
             totals[name] = totals.get(name, 0) + value.detach() / len(batches)
     for group in opt.param_groups:
-        group["lr"] = lr_at(step, cfg)
+        group["lr"] = lr
     scaler.unscale_(opt)
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip if cfg.clip > 0 else float("inf"))
     logged = torch.stack(list(totals.values()))
@@ -293,11 +305,11 @@ class Stop:
             signal.signal(sig, lambda *_: setattr(cls, "requested", True))
 
 
-def stop_requested(world, device):
-    """Whether any rank got SIGINT/SIGTERM: all ranks must stop after the same step."""
+def agree(flag, world, device):
+    """Whether the flag is set on any rank (a signal, time up): all ranks must stop after the same step."""
     if world == 1:
-        return Stop.requested
-    flag = torch.tensor(float(Stop.requested), device=device)
+        return flag
+    flag = torch.tensor(float(flag), device=device)
     dist.all_reduce(flag, op=dist.ReduceOp.MAX)
     return bool(flag.item())
 
@@ -414,11 +426,12 @@ def train(cfg):
     val_batches = [val_data.get(np.arange(i * cfg.batch_size, (i + 1) * cfg.batch_size)) for i in range(cfg.eval_iters)]
 
     model, router, opt, scaler = build(cfg, device)
-    step = 0
+    step, clock = 0, dict(train_time=0.0, warmup_end=0.0)  # seconds of training steps, and when warm-up ended
     if state is not None:
         model.load_state_dict(state["model"])
         router.load_state_dict(state["router"])
         step = state["step"]
+        clock.update(state.get("clock", {}))
         if cfg.eval_only:
             if master:
                 print(json.dumps(dict(steps_done=step, **evaluate(model, router, val_batches, cfg, autocast))))
@@ -447,43 +460,57 @@ def train(cfg):
         if master:
             save_checkpoint(cfg.out_dir, dict(model=model.state_dict(), router=router.state_dict(), optimizer=opt.state_dict(),
                                               scaler=scaler.state_dict(), step=step, config=asdict(cfg),
-                                              model_config=asdict(model.cfg), rng=rngs,
+                                              model_config=asdict(model.cfg), rng=rngs, clock=clock,
                                               examples_seen=step * rows_per_step))
 
     os.makedirs(cfg.out_dir, exist_ok=True)
     log = open(os.path.join(cfg.out_dir, "log.jsonl"), "a") if master else None
     Stop.install()
-    bad = 0
-    bar = tqdm(range(step, cfg.steps), initial=step, total=cfg.steps, disable=not master, dynamic_ncols=True)
-    for step in bar:
+    bad, budget = 0, 60 * cfg.time_budget if cfg.time_budget else None
+    bar = tqdm(total=budget or cfg.steps, initial=clock["train_time"] if budget else step, unit="s" if budget else "it",
+               bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} s [{elapsed}<{remaining}{postfix}]" if budget else None,
+               disable=not master, dynamic_ncols=True)
+    while step < cfg.steps:
         t0 = time.perf_counter()
         batches = [train_data.get(example_ids(step, i, cfg, rank, world)) for i in range(cfg.grad_accum)]
-        out = train_step(fwd, router, opt, scaler, batches, cfg, step, autocast)
-        tokens_per_s = rows_per_step * cfg.seq_len / (time.perf_counter() - t0)
+        lr = lr_at(step, cfg, clock)
+        out = train_step(fwd, router, opt, scaler, batches, cfg, step, lr, autocast)
+        seconds = time.perf_counter() - t0
+        clock["train_time"] += seconds
+        if step + 1 == cfg.warmup:
+            clock["warmup_end"] = clock["train_time"]
         bad = bad + 1 if out["skipped"] else 0
         if bad >= cfg.max_bad_steps:
             raise ValueError(f"{bad} non-finite steps in a row (last: step {step}); the last good checkpoint is in "
                              f"{cfg.out_dir}: lower --lr or raise --warmup, then --resume")
         done = step + 1
-        record = dict(step=step, loss=out["loss"], lr=lr_at(step, cfg), tokens_per_s=round(tokens_per_s), mode=out["mode"])
+        # the ranks' clocks differ a little: all stop when the first runs out
+        out_of_time = budget is not None and agree(clock["train_time"] >= budget, world, device)
+        last = done == cfg.steps or out_of_time
+        record = dict(step=step, loss=out["loss"], lr=lr, tokens_per_s=round(rows_per_step * cfg.seq_len / seconds),
+                      mode=out["mode"], train_time=round(clock["train_time"], 2), tokens=done * rows_per_step * cfg.seq_len)
         record.update({k: out[k] for k in ("kl_local", "kl_global", "mlm_drop", "mlm_full") if k in out})
         if out["skipped"]:
             record["skipped"] = True
-        if done % cfg.eval_every == 0 or done == cfg.steps:
+        if done % cfg.eval_every == 0 or last:
             if master:
                 record.update(evaluate(model, router, val_batches, cfg, autocast))
                 bar.write(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()))
         if master and (step % cfg.log_every == 0 or "val_loss" in record or out["mode"] == "sctd" or out["skipped"]):
             log.write(json.dumps(record) + "\n")
             log.flush()
-        bar.set_postfix(loss=f"{out['loss']:.3f}", lr=f"{record['lr']:.2e}", tok_s=f"{tokens_per_s:,.0f}")
-        stop = stop_requested(world, device)
-        if done % cfg.save_every == 0 or done == cfg.steps or stop:
+        bar.update(seconds if budget else 1)
+        bar.set_postfix(step=done, loss=f"{out['loss']:.3f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:,}")
+        stop = agree(Stop.requested, world, device)
+        if done % cfg.save_every == 0 or last or stop:
             checkpoint(done)
-        if stop:
-            if master:
-                print(f"stopped at step {done}; checkpoint saved in {cfg.out_dir}")
+        if stop and master:
+            print(f"stopped at step {done}; checkpoint saved in {cfg.out_dir}")
+        if out_of_time and master:
+            print(f"--time_budget {cfg.time_budget} minutes reached at step {done}; checkpoint saved in {cfg.out_dir}")
+        if stop or out_of_time:
             break
+        step = done
     if master:
         log.close()
     if world > 1:
