@@ -195,14 +195,19 @@ COLUMNS = [("mode", "mode", "{}"), ("ms/step", "ms_per_step", "{:.1f}"), ("IQR",
            ("step GB", "step_gb", "{:.2f}")]
 
 
+def print_markdown(rows, cols):
+    """rows (dicts) as a markdown table; cols: (heading, key, format) each, None printed as a dash."""
+    print("| " + " | ".join(head for head, _, _ in cols) + " |\n|" + "---|" * len(cols))
+    for row in rows:
+        print("| " + " | ".join("-" if row[key] is None else fmt.format(row[key]) for _, key, fmt in cols) + " |")
+
+
 def print_table(rows, device, dtype, Fi, hf_version):
     """One shape's rows as a markdown table, and the notes a reader needs to read it."""
     first, gpu = rows[0], device.type == "cuda"
     cols = COLUMNS if gpu else COLUMNS[:-2]  # MFU and memory: GPU only
     print(f"\n--size {first['size']} --seq_len {first['seq_len']} --batch_size {first['batch_size']} --keep {first['keep']}")
-    print("| " + " | ".join(head for head, _, _ in cols) + " |\n|" + "---|" * len(cols))
-    for row in rows:
-        print("| " + " | ".join("-" if row[key] is None else fmt.format(row[key]) for _, key, fmt in cols) + " |")
+    print_markdown(rows, cols)
     print(f"IQR: the spread of the timed steps (interquartile range / median). "
           f"speedup: measured, over full; FLOPs predict: the same ratio of the matmul FLOPs each step executes. "
           f"sctd_step: a dropped and a full pass; sctd_hybrid: the average step of ScTD's hybrid training (Fi={Fi}).")
@@ -315,9 +320,7 @@ def compare_runs(args):
             ("drift KL local", "drift_kl_local", "{:.2e}"), ("drift KL global", "drift_kl_global", "{:.2e}"),
             ("drift cos global", "drift_cos_global", "{:.4f}"), (f"min to {target:.3f}", "target_min", "{:.1f}"),
             ("saving vs full", "saving", "{:+.0%}")]
-    print("| " + " | ".join(head for head, _, _ in cols) + " |\n|" + "---|" * len(cols))
-    for row in rows:
-        print("| " + " | ".join("-" if row[key] is None else fmt.format(row[key]) for _, key, fmt in cols) + " |")
+    print_markdown(rows, cols)
     print(f"val loss, order gap, drift: the last evaluation. min to {target:.3f}: training minutes (evaluations not "
           f"counted) until the validation loss first reached {target:.3f}, linear between evaluations; saving vs full: "
           f"1 - that time / the full run's of the same seed.")
