@@ -341,14 +341,16 @@ def plot_runs(runs, target, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
-    for run in runs:
+    colors, seeds = {}, sorted({run["config"]["seed"] for run in runs})
+    for run in runs:  # a color per mode and router, a line style per seed
         cfg = run["config"]
         label = cfg["mode"] if cfg["mode"] == "full" else f"{cfg['mode']} ({cfg['router']} router)"
-        style = dict(label=f"{label}, seed {cfg['seed']}", marker=".", linestyle="-" if cfg["seed"] == 1337 else "--")
+        style = dict(label=f"{label}, seed {cfg['seed']}", marker=".", color=colors.setdefault(label, f"C{len(colors)}"),
+                     linestyle=["-", "--", ":", "-."][seeds.index(cfg["seed"]) % 4])
         axes[0].plot([r["train_time"] / 60 for r in run["evals"]], [r["val_loss"] for r in run["evals"]], **style)
         axes[1].plot([r["tokens"] / 1e6 for r in run["evals"]], [r["val_loss"] for r in run["evals"]], **style)
     for ax, xlabel in zip(axes, ["training minutes (evaluations not counted)", "training tokens (millions)"]):
-        ax.axhline(target, color="gray", linewidth=0.8, linestyle=":")
+        ax.axhline(target, color="gray", linewidth=0.8, linestyle=":", label=f"target {target:.3f}" if ax is axes[1] else None)
         ax.set_xlabel(xlabel)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("validation MLM loss")
