@@ -280,7 +280,8 @@ def read_run(folder):
             records = [json.loads(line) for line in f]
     except (OSError, KeyError, RuntimeError) as e:
         raise ValueError(f"--runs {folder}: not a finished train.py run ({str(e).splitlines()[0][:80]})") from None
-    evals = sorted({r["step"]: r for r in records if "val_loss" in r}.values(), key=lambda r: r["step"])  # a resume repeats steps
+    by_step = {r["step"]: r for r in records if "val_loss" in r}  # a resumed run repeats steps: the later record counts
+    evals = [by_step[step] for step in sorted(by_step)]
     if not evals or "train_time" not in evals[-1]:
         raise ValueError(f"--runs {folder}: log.jsonl has no evaluation with train_time (a run older than that field)")
     return dict(name=os.path.basename(os.path.normpath(folder)), config=config, evals=evals)

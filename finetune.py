@@ -319,7 +319,8 @@ def finetune(task, data, init, args, lr, seed):
                             lr=lr, eps=1e-6, fused=True)  # fused: ~8x faster steps on CPU too
     train, bs = data["train"], args.batch_size
     steps = args.epochs * math.ceil(len(train) / bs)
-    schedule = SimpleNamespace(lr=lr, steps=steps, warmup=int(args.warmup * steps), time_budget=None)  # train.py's: warm-up, linear decay
+    # train.py's schedule: warm-up, then linear decay over the steps
+    schedule = SimpleNamespace(lr=lr, steps=steps, warmup=int(args.warmup * steps), time_budget=None)
     rng, step = np.random.default_rng(seed), 0
     autocast = torch.autocast(torch.device(args.device).type, dtype=torch.bfloat16, enabled=args.dtype == "bf16")
     for epoch in range(args.epochs):
