@@ -7,6 +7,7 @@ the one its FLOPs predict and, on GPUs, the achieved FLOP/s against the device's
     python bench.py --sizes mini small --seq_lens 128 512 --json bench.json
     python bench.py --compare hf     # + transformers.BertForMaskedLM at the same shape (pip install transformers)
     python bench.py --runs out/full out/drop --plot curves.png   # finished train.py runs: time to a target loss
+                                                                 # (+ the scores of finetune.py --json DIR/finetune*.json)
 
 The modes run interleaved, one step of each per round (in an order that rotates), so that a change
 in the machine's load hits them alike; each row is the median step after the warm-up rounds (where
@@ -15,6 +16,7 @@ The batches are random ids masked as in training: the speed of a step does not d
 """
 import argparse
 import gc
+import glob
 import importlib.util
 import json
 import os
@@ -273,7 +275,8 @@ def benchmark(args):
 
 
 def read_run(folder):
-    """A finished train.py run: its flags (from the checkpoint) and its evaluations (from log.jsonl), by step."""
+    """A finished train.py run: its flags (from the checkpoint), its evaluations (from log.jsonl), by step, and the
+    dev scores of the fine-tunings saved beside it (finetune.py --json FOLDER/finetune*.json): {"task metric": median}."""
     try:
         config = torch.load(os.path.join(folder, "ckpt.pt"), map_location="cpu", weights_only=True)["config"]
         with open(os.path.join(folder, "log.jsonl")) as f:
@@ -284,7 +287,13 @@ def read_run(folder):
     evals = [by_step[step] for step in sorted(by_step)]
     if not evals or "train_time" not in evals[-1]:
         raise ValueError(f"--runs {folder}: log.jsonl has no evaluation with train_time (a run older than that field)")
-    return dict(name=os.path.basename(os.path.normpath(folder)), config=config, evals=evals)
+    scores = {}
+    for path in sorted(glob.glob(os.path.join(folder, "finetune*.json"))):
+        with open(path) as f:
+            for task, result in json.load(f)["results"].items():
+                metric, median = next(iter(result["median"].items()))  # the task's first metric is its main one
+                scores[f"{task} {metric}"] = median
+    return dict(name=os.path.basename(os.path.normpath(folder)), config=config, evals=evals, scores=scores)
 
 
 def time_to(evals, target):
@@ -315,16 +324,20 @@ def compare_runs(args):
                          drift_cos_global=last.get("drift_cos_global"),
                          target_min=None if t is None else t / 60,
                          saving=None if None in (t, t_full) or cfg["mode"] == "full" else 1 - t / t_full))
+    tasks = sorted({key for run in runs for key in run["scores"]})
+    for row, run in zip(rows, runs):
+        row.update({key: run["scores"].get(key) for key in tasks})
     cols = [("run", "run", "{}"), ("mode", "mode", "{}"), ("router", "router", "{}"), ("seed", "seed", "{}"),
             ("budget (min)", "budget_min", "{:g}"), ("steps", "steps", "{}"), ("tokens", "tokens_M", "{:.2f}M"),
             ("steps/s", "steps_per_s", "{:.3f}"), ("val loss", "val_loss", "{:.3f}"), ("order gap", "order_gap", "{:.3f}"),
             ("drift KL local", "drift_kl_local", "{:.2e}"), ("drift KL global", "drift_kl_global", "{:.2e}"),
             ("drift cos global", "drift_cos_global", "{:.4f}"), (f"min to {target:.3f}", "target_min", "{:.1f}"),
-            ("saving vs full", "saving", "{:+.0%}")]
+            ("saving vs full", "saving", "{:+.0%}")] + [(key, key, "{:.1f}") for key in tasks]
     print_markdown(rows, cols)
     print(f"val loss, order gap, drift: the last evaluation. min to {target:.3f}: training minutes (evaluations not "
           f"counted) until the validation loss first reached {target:.3f}, linear between evaluations; saving vs full: "
-          f"1 - that time / the full run's of the same seed.")
+          f"1 - that time / the full run's of the same seed." + (" Then the median dev score of each fine-tuning "
+          "saved beside the run." if tasks else ""))
     if args.plot:
         plot_runs(runs, target, args.plot)
     if args.json:

@@ -709,6 +709,12 @@ def test_bench_times_runs_to_a_target_loss(tmp_path, capsys):
     assert drop["saving"] == pytest.approx(0.25)
     _, drop = bench.compare_runs(bench.parse_args(["--runs", *runs, "--target_loss", "4.1"]))
     assert drop["target_min"] is None and "| - | - |" in capsys.readouterr().out  # never reached: a dash
+    # fine-tuning scores saved beside a run (finetune.py --json) become columns: each task's first metric, its median
+    ft_runs = [dict(lr=1e-4, seed=s, scores=dict(f1=f, acc=a)) for s, f, a in [(0, 80, 70), (1, 90, 60), (2, 50, 50)]]
+    with open(tmp_path / "drop" / "finetune-a.json", "w") as f:
+        json.dump(dict(init="drop", config={}, results=dict(mrpc=finetune.summarize(ft_runs))), f)
+    full, drop = bench.compare_runs(bench.parse_args(["--runs", *runs]))
+    assert drop["mrpc f1"] == 80 and full["mrpc f1"] is None and "| mrpc f1 |" in capsys.readouterr().out
     code, err = run_cli("bench.py", "--runs", str(tmp_path))
     assert code != 0 and one_line_error(err, "--runs"), err
     pytest.importorskip("matplotlib")
