@@ -278,7 +278,8 @@ def read_run(folder):
     """A finished train.py run: its flags (from the checkpoint), its evaluations (from log.jsonl), by step, and the
     dev scores of the fine-tunings saved beside it (finetune.py --json FOLDER/finetune*.json): {"task metric": median}."""
     try:
-        config = torch.load(os.path.join(folder, "ckpt.pt"), map_location="cpu", weights_only=True)["config"]
+        ckpt = os.path.join(folder, "ckpt.pt")  # mmap: only the config is read, not the weights and optimizer
+        config = torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True)["config"]
         with open(os.path.join(folder, "log.jsonl")) as f:
             records = [json.loads(line) for line in f]
     except (OSError, KeyError, RuntimeError) as e:
