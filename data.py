@@ -313,21 +313,21 @@ def example_uniform(seed, example_ids, n, stream):
     return (h >> 8).float() / (1 << 24)
 
 
-def n_masked(seq_len):
-    """Masked positions per row: a static 15% of the T-2 non-special positions of a packed row."""
-    return int(MASK_PROB * (seq_len - 2) + 0.5)
+def n_masked(seq_len, rate=MASK_PROB):
+    """Masked positions per row: a static share (BERT: 15%) of the T-2 non-special positions of a packed row."""
+    return int(rate * (seq_len - 2) + 0.5)
 
 
-def mask_tokens(ids, example_ids, seed):
+def mask_tokens(ids, example_ids, seed, rate=MASK_PROB):
     """
-    Dynamic masking (BERT): 15% of the non-special positions; 80% of those become [MASK], 10% a
+    Dynamic masking (BERT): rate (15%) of the non-special positions; 80% of those become [MASK], 10% a
     random token, 10% stay. ids: (B, T) -> (input_ids (B, T), positions (B, M), targets (B, M));
     targets are -100 where a row had fewer than M maskable positions.
     """
     B, T = ids.shape
     pick, action, random_token = (example_uniform(seed, example_ids, T, s) for s in range(3))
     special = ids >= EOT
-    positions = torch.where(special, 2.0, pick).topk(n_masked(T), dim=1, largest=False).indices.sort(dim=1).values
+    positions = torch.where(special, 2.0, pick).topk(n_masked(T, rate), dim=1, largest=False).indices.sort(dim=1).values
     original = ids.gather(1, positions)
     maskable = ~special.gather(1, positions)
     action, random_token = action.gather(1, positions), (random_token.gather(1, positions) * EOT).long()
@@ -362,8 +362,8 @@ def shuffle_order(batch, seed):
 class Batches:
     """Rows of T tokens: [CLS] + T-2 tokens of the packed stream (across documents) + [SEP]."""
 
-    def __init__(self, tokens, seq_len, seed, device):
-        self.tokens, self.seq_len, self.seed, self.device = tokens, seq_len, seed, device
+    def __init__(self, tokens, seq_len, seed, device, mask_rate=MASK_PROB):
+        self.tokens, self.seq_len, self.seed, self.device, self.mask_rate = tokens, seq_len, seed, device, mask_rate
         self.n_rows = len(tokens) // (seq_len - 2)
         self._order = (None, None)
 
@@ -382,5 +382,5 @@ class Batches:
         ex = torch.from_numpy(np.asarray(example_ids, dtype=np.int64))
         if self.device.type == "cuda":
             ids, ex = ids.pin_memory().to(self.device, non_blocking=True), ex.to(self.device, non_blocking=True)
-        input_ids, positions, targets = mask_tokens(ids, ex, self.seed)
+        input_ids, positions, targets = mask_tokens(ids, ex, self.seed, self.mask_rate)
         return Batch(input_ids, positions, targets, example_uniform(self.seed, ex, self.seq_len, stream=3))

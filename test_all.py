@@ -48,9 +48,9 @@ def tiny_model(n_layer=2, dropout=0.0, seed=0, position="absolute", norm="post")
     return Bert(BertConfig(**dict(SIZES["tiny"], n_layer=n_layer), dropout=dropout, position=position, norm=norm)).eval()
 
 
-def real_batch(cache, batch_size=4, seq_len=64, seed=0):
+def real_batch(cache, batch_size=4, seq_len=64, seed=0, mask_rate=data.MASK_PROB):
     tokens = data.load_tokens(data.cache_folder(CORPUS, None, cache, None), "train")
-    return data.Batches(tokens, seq_len, seed, torch.device("cpu")).get(torch.arange(batch_size).numpy())
+    return data.Batches(tokens, seq_len, seed, torch.device("cpu"), mask_rate).get(torch.arange(batch_size).numpy())
 
 
 def run_train(out_dir, cache, *args):
@@ -167,14 +167,15 @@ def test_packing_cls_first_sep_last(cache):
     assert not (b.input_ids == data.PAD).any()  # packed rows: no padding in pretraining
 
 
-def test_masking_statistics(cache):
-    b = real_batch(cache, batch_size=512, seq_len=128)
+@pytest.mark.parametrize("rate", [0.15, 0.3])
+def test_masking_statistics(cache, rate):
+    b = real_batch(cache, batch_size=512, seq_len=128, mask_rate=rate)
     targets, positions = b.mlm_targets, b.mlm_positions
     original = b.input_ids.clone().scatter_(1, positions, targets.clamp(min=0))
     special = original >= data.EOT
     valid = targets >= 0
     assert not special.gather(1, positions)[valid].any()  # a special token is never masked
-    assert abs(valid.sum().item() / (~special).sum().item() - 0.15) < 0.01
+    assert abs(valid.sum().item() / (~special).sum().item() - rate) < 0.01
     now, was = b.input_ids.gather(1, positions)[valid], targets[valid]
     to_mask = (now == data.MASK).float().mean().item()
     unchanged = (now == was).float().mean().item()
@@ -449,6 +450,9 @@ BAD_TRAIN_INPUT = [
     (["--mode", "drop", "--keep", "0.1"], "--keep"),
     (["--mode", "sctd", "--sctd_interval", "0"], "--sctd_interval"),
     (["--router", "oracle"], "--router"),
+    (["--mask_rate", "0"], "--mask_rate"),
+    (["--mask_rate", "1"], "--mask_rate"),
+    (["--mode", "drop", "--mask_rate", "0.6"], "--keep"),  # 76 masked tokens do not fit in the 64 kept
     (["--time_budget", "0", "--warmup", "5"], "--time_budget"),
     (["--time_budget", "60"], "--warmup"),
     (["--resume", "--out_dir", "/nonexistent/out"], "--resume"),

@@ -22,7 +22,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from data import (CLS, DEFAULT_CONFIG, DEFAULT_DATA, PAD, SPECIAL_IDS, VOCAB_SIZE, Batches, cache_folder,
+from data import (CLS, DEFAULT_CONFIG, DEFAULT_DATA, MASK_PROB, PAD, SPECIAL_IDS, VOCAB_SIZE, Batches, cache_folder,
                   load_tokens, n_masked, prepare, shuffle_order, transformers_tokenizer)
 from dropping import ROUTERS, Router, kept_count
 from loss import mlm_loss, sctd_loss, semantic_drift
@@ -47,6 +47,8 @@ class TrainConfig:
     cache_dir: str = arg("data_cache", "where prepared token files are kept (one folder per source)")
     max_tokens: int = arg(None, "stop preparing after this many training tokens (default: all)", type=int)
     seq_len: int = arg(128, "tokens per row, [CLS] and [SEP] included (8..512)")
+    mask_rate: float = arg(MASK_PROB, "share of each row's tokens masked for the training loss (BERT: 0.15); "
+                           "validation always masks 0.15, so losses compare across rates")
     batch_size: int = arg(None, "rows per micro-batch per process (default: 256 / world size)", type=int)
     grad_accum: int = arg(1, "micro-batches per optimizer step")
     steps: int = arg(1_000_000, "optimizer steps (BERT: 1M at batch 256)")
@@ -130,9 +132,11 @@ def parse_args(argv=None):
 
 def check(cfg):
     """Bad input stops here, in one sentence naming the flag."""
-    M = n_masked(cfg.seq_len)
+    M = n_masked(cfg.seq_len, cfg.mask_rate)
     rules = [
         (8 <= cfg.seq_len <= 512, f"--seq_len {cfg.seq_len} is outside 8..512 (the model has 512 positions)"),
+        (M >= 1 and cfg.mask_rate < 1, f"--mask_rate {cfg.mask_rate} masks {M} of a row's {cfg.seq_len - 2} tokens; "
+                                       "use a share in (0, 1) that masks at least one"),
         (cfg.batch_size is None or cfg.batch_size >= 1, f"--batch_size {cfg.batch_size} must be at least 1"),
         (cfg.grad_accum >= 1 and cfg.steps >= 1, "--grad_accum and --steps must be at least 1"),
         (0 < cfg.keep <= 1, f"--keep {cfg.keep} is outside (0, 1]"),
@@ -417,7 +421,7 @@ def train(cfg):
     if cfg.prepare_only:
         print(f"prepared {folder}")
         return
-    train_data = Batches(load_tokens(folder, "train"), cfg.seq_len, cfg.seed, device)
+    train_data = Batches(load_tokens(folder, "train"), cfg.seq_len, cfg.seed, device, cfg.mask_rate)
     val_data = Batches(load_tokens(folder, "val"), cfg.seq_len, VAL_SEED, device)
     rows_per_step = cfg.batch_size * cfg.grad_accum * world
     if train_data.n_rows < rows_per_step or val_data.n_rows < 1:
