@@ -284,8 +284,12 @@ def read_run(folder):
             records = [json.loads(line) for line in f]
     except (OSError, KeyError, RuntimeError) as e:
         raise ValueError(f"--runs {folder}: not a finished train.py run ({str(e).splitlines()[0][:80]})") from None
-    by_step = {r["step"]: r for r in records if "val_loss" in r}  # a resumed run repeats steps: the later record counts
-    evals = [by_step[step] for step in sorted(by_step)]
+    kept = []
+    for r in records:  # a resumed run's records replace all from the step it resumed at (a crash may have logged more)
+        while kept and kept[-1]["step"] >= r["step"]:
+            kept.pop()
+        kept.append(r)
+    evals = [r for r in kept if "val_loss" in r]
     if not evals or "train_time" not in evals[-1]:
         raise ValueError(f"--runs {folder}: log.jsonl has no evaluation with train_time (a run older than that field)")
     scores = {}

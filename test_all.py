@@ -411,6 +411,14 @@ def test_time_budget_ends_the_run_and_decays_the_lr_over_it(cache, tmp_path, mon
     assert [r["loss"] for r in resumed] == pytest.approx([r["loss"] for r in log[8:]], abs=1e-5)
 
 
+def test_time_budget_overshot_by_the_last_step_still_saves_it(cache, tmp_path, monkeypatch):
+    ticks = iter(range(10**6))  # steps of 4 s against a 6 s budget: the second one ends 2 s past it
+    monkeypatch.setattr(train, "time", SimpleNamespace(perf_counter=lambda: 4.0 * next(ticks)))
+    log = run_train(tmp_path, cache, "--time_budget", 0.1, "--warmup", 1, "--eval_every", 100, "--save_every", 100)
+    assert [r["step"] for r in log] == [0, 1]
+    assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["step"] == 2
+
+
 def test_checkpoint_records_the_variant_and_everything_follows_it(cache, tmp_path, capsys):
     log = run_train(tmp_path, cache, "--steps", 4, "--eval_every", 4, "--position", "alibi", "--norm", "pre",
                     "--mode", "drop", "--keep", "0.75")
@@ -700,8 +708,9 @@ def fake_run(folder, mode, evals):
 
 def test_bench_times_runs_to_a_target_loss(tmp_path, capsys):
     fake_run(tmp_path / "full", "full", [(9, 10, 6.0), (19, 20, 5.0), (29, 30, 4.0)])
-    # a resumed run logs a step twice: the later record counts
-    fake_run(tmp_path / "drop", "drop", [(9, 10, 5.5), (19, 20, 9.9), (19, 20, 4.5), (29, 30, 4.2)])
+    # a run that logged step 39 but crashed before saving, resumed from step 15: the resumed records replace all from there
+    fake_run(tmp_path / "drop", "drop", [(9, 10, 5.5), (19, 20, 9.9), (29, 30, 3.9), (39, 40, 3.0), (19, 20, 4.5),
+                                         (29, 30, 4.2)])
     runs = [str(tmp_path / "full"), str(tmp_path / "drop")]
     # default target: the highest best loss, 4.2; full reaches it at 20 + 10 * 0.8 s, drop at 30 s
     full, drop = bench.compare_runs(bench.parse_args(["--runs", *runs]))

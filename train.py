@@ -471,7 +471,8 @@ def train(cfg):
     log = open(os.path.join(cfg.out_dir, "log.jsonl"), "a") if master else None
     Stop.install()
     bad, budget = 0, 60 * cfg.time_budget if cfg.time_budget else None
-    bar = tqdm(total=budget or cfg.steps, initial=clock["train_time"] if budget else step, unit="s" if budget else "it",
+    bar = tqdm(total=budget or cfg.steps, initial=min(clock["train_time"], budget) if budget else step,
+               unit="s" if budget else "it",
                bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} s [{elapsed}<{remaining}{postfix}]" if budget else None,
                disable=not master, dynamic_ncols=True)
     while step < cfg.steps:
@@ -503,7 +504,7 @@ def train(cfg):
         if master and (step % cfg.log_every == 0 or "val_loss" in record or out["mode"] == "sctd" or out["skipped"]):
             log.write(json.dumps(record) + "\n")
             log.flush()
-        bar.update(seconds if budget else 1)
+        bar.update(min(seconds, bar.total - bar.n) if budget else 1)  # tqdm cannot draw a count past its total
         bar.set_postfix(step=done, loss=f"{out['loss']:.3f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:,}")
         stop = agree(Stop.requested, world, device)
         if done % cfg.save_every == 0 or last or stop:
