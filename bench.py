@@ -30,6 +30,7 @@ from tqdm import tqdm
 import train
 from data import CLS, EOT, SEP, VOCAB_SIZE, Batch, example_uniform, mask_tokens, n_masked
 from dropping import kept_count
+from finetune import summarize
 from loss import IGNORE
 from model import SIZES
 
@@ -276,7 +277,7 @@ def benchmark(args):
 
 def read_run(folder):
     """A finished train.py run: its flags (from the checkpoint), its evaluations (from log.jsonl), by step, and the
-    dev scores of the fine-tunings saved beside it (finetune.py --json FOLDER/finetune*.json): {"task metric": median}."""
+    dev scores of the fine-tunings saved beside it (finetune.py --json FOLDER/finetune*.json): {"task metric": median over the seeds}."""
     try:
         ckpt = os.path.join(folder, "ckpt.pt")  # mmap: only the config is read, not the weights and optimizer
         config = torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True)["config"]
@@ -292,12 +293,15 @@ def read_run(folder):
     evals = [r for r in kept if "val_loss" in r]
     if not evals or "train_time" not in evals[-1]:
         raise ValueError(f"--runs {folder}: log.jsonl has no evaluation with train_time (a run older than that field)")
-    scores = {}
+    runs = {}  # per task, pooled over the files (more seeds may come later); a seed run twice: the later file's counts
     for path in sorted(glob.glob(os.path.join(folder, "finetune*.json"))):
         with open(path) as f:
             for task, result in json.load(f)["results"].items():
-                metric, median = next(iter(result["median"].items()))  # the task's first metric is its main one
-                scores[f"{task} {metric}"] = median
+                runs.setdefault(task, {}).update({(r["lr"], r["seed"]): r for r in result["runs"]})
+    scores = {}
+    for task, by_seed in runs.items():
+        metric, median = next(iter(summarize(list(by_seed.values()))["median"].items()))  # the first metric: the main one
+        scores[f"{task} {metric}"] = median
     return dict(name=os.path.basename(os.path.normpath(folder)), config=config, evals=evals, scores=scores)
 
 

@@ -728,6 +728,12 @@ def test_bench_times_runs_to_a_target_loss(tmp_path, capsys):
         json.dump(dict(init="drop", config={}, results=dict(mrpc=finetune.summarize(ft_runs))), f)
     full, drop = bench.compare_runs(bench.parse_args(["--runs", *runs]))
     assert drop["mrpc f1"] == 80 and full["mrpc f1"] is None and "| mrpc f1 |" in capsys.readouterr().out
+    # another file's seeds are pooled with them; its run of seed 2 replaces the first file's
+    more = [dict(lr=1e-4, seed=s, scores=dict(f1=f, acc=a)) for s, f, a in [(2, 95, 50), (3, 96, 50)]]
+    with open(tmp_path / "drop" / "finetune-b.json", "w") as f:
+        json.dump(dict(init="drop", config={}, results=dict(mrpc=finetune.summarize(more))), f)
+    _, drop = bench.compare_runs(bench.parse_args(["--runs", *runs]))
+    assert drop["mrpc f1"] == np.median([80, 90, 95, 96])
     code, err = run_cli("bench.py", "--runs", str(tmp_path))
     assert code != 0 and one_line_error(err, "--runs"), err
     pytest.importorskip("matplotlib")
