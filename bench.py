@@ -277,7 +277,8 @@ def benchmark(args):
 
 def read_run(folder):
     """A finished train.py run: its flags (from the checkpoint), its evaluations (from log.jsonl), by step, and the
-    dev scores of the fine-tunings saved beside it (finetune.py --json FOLDER/finetune*.json): {"task metric": median over the seeds}."""
+    dev scores of the fine-tunings saved beside it (finetune.py --json FOLDER/finetune*.json): {"task metric":
+    median over the seeds}."""
     try:
         ckpt = os.path.join(folder, "ckpt.pt")  # mmap: only the config is read, not the weights and optimizer
         config = torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True)["config"]
