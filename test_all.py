@@ -417,6 +417,11 @@ def test_time_budget_overshot_by_the_last_step_still_saves_it(cache, tmp_path, m
     log = run_train(tmp_path, cache, "--time_budget", 0.1, "--warmup", 1, "--eval_every", 100, "--save_every", 100)
     assert [r["step"] for r in log] == [0, 1]
     assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["step"] == 2
+    # resumed, it has nothing left to do: no step past the budget
+    log = run_train(tmp_path, cache, "--time_budget", 0.1, "--warmup", 1, "--eval_every", 100, "--save_every", 100,
+                    "--resume")
+    assert [r["step"] for r in log] == [0, 1]
+    assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["step"] == 2
 
 
 def test_checkpoint_records_the_variant_and_everything_follows_it(cache, tmp_path, capsys):

@@ -475,7 +475,8 @@ def train(cfg):
                unit="s" if budget else "it",
                bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} s [{elapsed}<{remaining}{postfix}]" if budget else None,
                disable=not master, dynamic_ncols=True)
-    while step < cfg.steps:
+    # a resumed run that has already used its time budget is done
+    while step < cfg.steps and (budget is None or clock["train_time"] < budget):
         t0 = time.perf_counter()
         batches = [train_data.get(example_ids(step, i, cfg, rank, world)) for i in range(cfg.grad_accum)]
         lr = lr_at(step, cfg, clock)
