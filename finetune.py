@@ -267,12 +267,13 @@ def length_batches(examples, batch_size, rng=None):
 # Model, training, evaluation
 
 class Classifier(nn.Module):
-    """BERT + a task head on [CLS]: dropout -> linear (SPEC §4). Pretraining has no next-sentence
-    objective, so there is no pretrained pooler to reuse: the head reads [CLS]'s final state."""
+    """BERT + a task head: dropout -> linear (SPEC §4) on [CLS]'s final state, or on the mean of the real
+    tokens' (pool="mean"). Pretraining has no next-sentence objective, so there is no pretrained pooler
+    to reuse, and masked-LM never trains [CLS]'s own state: every other token's state predicts words."""
 
-    def __init__(self, bert, n_out):
+    def __init__(self, bert, n_out, pool="cls"):
         super().__init__()
-        self.bert = bert
+        self.bert, self.pool = bert, pool
         self.drop = nn.Dropout(bert.cfg.dropout)
         self.head = nn.Linear(bert.cfg.n_embd, n_out)
         Bert._init_weights(self.head)
@@ -280,6 +281,9 @@ class Classifier(nn.Module):
     def forward(self, input_ids, token_type_ids, attn_mask):
         """input_ids, token_type_ids, attn_mask: (N, T) -> (N, n_out)."""
         _, h = self.bert.encode(input_ids, token_type_ids, attn_mask)
+        if self.pool == "mean":
+            real = attn_mask[..., None].to(h.dtype)
+            return self.head(self.drop((h * real).sum(1) / real.sum(1)))
         return self.head(self.drop(h[:, 0]))
 
 
@@ -312,7 +316,7 @@ def finetune(task, data, init, args, lr, seed):
     bert = Bert(BertConfig(**dict(init.model_config, dropout=args.dropout)))  # pretraining's own may be 0
     if init.state is not None:
         bert.load_state_dict(init.state)
-    model = Classifier(bert, task.n_out).to(args.device)
+    model = Classifier(bert, task.n_out, args.pool).to(args.device)
     decay = [p for p in model.parameters() if p.dim() >= 2]  # no decay on LayerNorm weights and biases
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([dict(params=decay, weight_decay=WEIGHT_DECAY), dict(params=no_decay, weight_decay=0.0)],
@@ -443,7 +447,9 @@ def parse_args(argv=None):
     p.add_argument("--batch_size", type=int, default=32, help="examples per step")
     p.add_argument("--warmup", type=float, default=0.1, help="fraction of the steps warming up linearly; then linear decay to 0")
     p.add_argument("--dropout", type=float, default=0.1,
-                   help="dropout in the encoder and on [CLS] before the head (BERT's 0.1), whatever pretraining used")
+                   help="dropout in the encoder and before the head (BERT's 0.1), whatever pretraining used")
+    p.add_argument("--pool", default="cls", choices=["cls", "mean"],
+                   help="the head reads [CLS]'s final state (BERT's), or the mean over the real tokens'")
     p.add_argument("--seeds", default="0", help="comma list of seeds (head, dropout, order; the weights with --init random)")
     p.add_argument("--max_train", type=int, help="fine-tune on a fixed random subset of this many training examples")
     p.add_argument("--max_len", type=int, default=128, help="tokens per sequence; longer pairs lose tokens from the longer text")

@@ -866,13 +866,16 @@ def test_collate_pads_to_the_longest_row():
     assert mask.sum(1).tolist() == [3, 2, 1, 4] and labels.tolist() == [1, 0]
 
 
-def test_padding_does_not_change_the_prediction():
-    model = finetune.Classifier(tiny_model(), n_out=3).eval()
+@pytest.mark.parametrize("pool", ["cls", "mean"])
+def test_padding_does_not_change_the_prediction(pool):
+    model = finetune.Classifier(tiny_model(), n_out=3, pool=pool).eval()
     short, long = [data.CLS, 10, 11, data.SEP], [data.CLS, *range(20, 30), data.SEP]
     examples = [([(short, [0] * 4)], 0), ([(long, [0] * 6 + [1] * 6)], 1)]
     padded = model(*finetune.collate(examples, "cpu")[:3])[0]  # the short row padded to 12 tokens
     alone = model(*finetune.collate(examples[:1], "cpu")[:3])[0]
     assert torch.allclose(padded, alone, atol=1e-5)
+    h = model.bert.encode(torch.tensor([short]))[1][0]
+    assert torch.allclose(alone, model.head(h[0] if pool == "cls" else h.mean(0)), atol=1e-5)
 
 
 def test_training_batches_cover_every_example_once_with_similar_lengths():
