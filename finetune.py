@@ -269,7 +269,7 @@ def length_batches(examples, batch_size, rng=None):
 class Classifier(nn.Module):
     """BERT + a task head: dropout -> linear (SPEC §4) on [CLS]'s final state, or on the mean of the real
     tokens' (pool="mean"). Pretraining has no next-sentence objective, so there is no pretrained pooler
-    to reuse, and masked-LM never trains [CLS]'s own state: every other token's state predicts words."""
+    to reuse, and no masked-LM loss reads [CLS]'s final state (only ScTD's constraints do)."""
 
     def __init__(self, bert, n_out, pool="cls"):
         super().__init__()
