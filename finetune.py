@@ -271,12 +271,19 @@ class Classifier(nn.Module):
     tokens' (pool="mean"). Pretraining has no next-sentence objective, so there is no pretrained pooler
     to reuse, and no masked-LM loss reads [CLS]'s final state (only ScTD's constraints do)."""
 
-    def __init__(self, bert, n_out, pool="cls"):
+    def __init__(self, bert, n_out, pool="cls", frozen=False):
         super().__init__()
-        self.bert, self.pool = bert, pool
+        self.bert, self.pool, self.frozen = bert, pool, frozen
         self.drop = nn.Dropout(bert.cfg.dropout)
         self.head = nn.Linear(bert.cfg.n_embd, n_out)
         Bert._init_weights(self.head)
+        bert.requires_grad_(not frozen)
+
+    def train(self, mode=True):
+        """A frozen encoder (a linear probe) always runs as at evaluation: the head learns fixed features."""
+        super().train(mode)
+        self.bert.train(mode and not self.frozen)
+        return self
 
     def forward(self, input_ids, token_type_ids, attn_mask):
         """input_ids, token_type_ids, attn_mask: (N, T) -> (N, n_out)."""
@@ -316,9 +323,10 @@ def finetune(task, data, init, args, lr, seed):
     bert = Bert(BertConfig(**dict(init.model_config, dropout=args.dropout)))  # pretraining's own may be 0
     if init.state is not None:
         bert.load_state_dict(init.state)
-    model = Classifier(bert, task.n_out, args.pool).to(args.device)
-    decay = [p for p in model.parameters() if p.dim() >= 2]  # no decay on LayerNorm weights and biases
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    model = Classifier(bert, task.n_out, args.pool, frozen=args.probe).to(args.device)
+    trained = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in trained if p.dim() >= 2]  # no decay on LayerNorm weights and biases
+    no_decay = [p for p in trained if p.dim() < 2]
     opt = torch.optim.AdamW([dict(params=decay, weight_decay=WEIGHT_DECAY), dict(params=no_decay, weight_decay=0.0)],
                             lr=lr, eps=1e-6, fused=True)  # fused: ~8x faster steps on CPU too
     train, bs = data["train"], args.batch_size
@@ -450,6 +458,9 @@ def parse_args(argv=None):
                    help="dropout in the encoder and before the head (BERT's 0.1), whatever pretraining used")
     p.add_argument("--pool", default="cls", choices=["cls", "mean"],
                    help="the head reads [CLS]'s final state (BERT's), or the mean over the real tokens'")
+    p.add_argument("--probe", action="store_true",
+                   help="a linear probe: train the head alone on the frozen encoder's features (no dropout in it), "
+                   "which measures what pretraining put in them before fine-tuning can change them")
     p.add_argument("--seeds", default="0", help="comma list of seeds (head, dropout, order; the weights with --init random)")
     p.add_argument("--max_train", type=int, help="fine-tune on a fixed random subset of this many training examples")
     p.add_argument("--max_len", type=int, default=128, help="tokens per sequence; longer pairs lose tokens from the longer text")

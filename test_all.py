@@ -13,6 +13,7 @@ import sys
 import time
 from dataclasses import asdict
 from types import SimpleNamespace
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -876,6 +877,29 @@ def test_padding_does_not_change_the_prediction(pool):
     assert torch.allclose(padded, alone, atol=1e-5)
     h = model.bert.encode(torch.tensor([short]))[1][0]
     assert torch.allclose(alone, model.head(h[0] if pool == "cls" else h.mean(0)), atol=1e-5)
+
+
+def test_a_probe_trains_the_head_alone_on_fixed_features(tiny_ckpt):
+    args = finetune.parse_args(["--task", "stsb", "--ckpt", tiny_ckpt, "--probe", "--max_len", "32"])
+    args.device, args.dtype = "cpu", "fp32"
+    init, task = finetune.load_init(args), finetune.TASKS["stsb"]
+    rows = finetune.read_task(task, SHARED, 64)
+    examples = {split: finetune.tokenize(data.get_encoding(), r[:64], 32) for split, r in rows.items()}
+    made = []
+
+    class Kept(finetune.Classifier):  # keeps the model finetune() builds
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            made.append(self)
+
+    with mock.patch.object(finetune, "Classifier", Kept):
+        finetune.finetune(task, examples, init, args, lr=1e-2, seed=0)
+    model = made[0].train()
+    assert not model.bert.training and model.head.training  # no dropout in the features, even in training mode
+    assert all(torch.equal(v, init.state[k]) for k, v in model.bert.state_dict().items())
+    torch.manual_seed(0)
+    fresh = finetune.Classifier(Bert(BertConfig(**init.model_config)), task.n_out)  # the head finetune() started from
+    assert not torch.equal(model.head.weight, fresh.head.weight)
 
 
 def test_training_batches_cover_every_example_once_with_similar_lengths():
