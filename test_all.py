@@ -887,19 +887,18 @@ def test_a_probe_trains_the_head_alone_on_fixed_features(tiny_ckpt):
     examples = {split: finetune.tokenize(data.get_encoding(), r[:64], 32) for split, r in rows.items()}
     made = []
 
-    class Kept(finetune.Classifier):  # keeps the model finetune() builds
+    class Kept(finetune.Classifier):  # keeps the model finetune() builds, and the head it starts from
         def __init__(self, *a, **kw):
             super().__init__(*a, **kw)
-            made.append(self)
+            made.append((self, self.head.weight.detach().clone()))
 
     with mock.patch.object(finetune, "Classifier", Kept):
         finetune.finetune(task, examples, init, args, lr=1e-2, seed=0)
-    model = made[0].train()
+    model, head_at_start = made[0]
+    model.train()
     assert not model.bert.training and model.head.training  # no dropout in the features, even in training mode
     assert all(torch.equal(v, init.state[k]) for k, v in model.bert.state_dict().items())
-    torch.manual_seed(0)
-    fresh = finetune.Classifier(Bert(BertConfig(**init.model_config)), task.n_out)  # the head finetune() started from
-    assert not torch.equal(model.head.weight, fresh.head.weight)
+    assert not torch.equal(model.head.weight, head_at_start)
 
 
 def test_training_batches_cover_every_example_once_with_similar_lengths():
