@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from data import CLS, PAD, SEP, VOCAB_SIZE, get_encoding
 from model import SIZES, Bert, BertConfig, from_transformers
-from train import OneLineParser, TrainConfig, lr_at, model_config
+from train import OneLineParser, TrainConfig, adamw, lr_at, model_config
 
 WEIGHT_DECAY = 0.01
 HUB = {"glue": "nyu-mll/glue", "superglue": "aps/super_glue"}
@@ -324,11 +324,7 @@ def finetune(task, data, init, args, lr, seed):
     if init.state is not None:
         bert.load_state_dict(init.state)
     model = Classifier(bert, task.n_out, args.pool, frozen=args.probe).to(args.device)
-    trained = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in trained if p.dim() >= 2]  # no decay on LayerNorm weights and biases
-    no_decay = [p for p in trained if p.dim() < 2]
-    opt = torch.optim.AdamW([dict(params=decay, weight_decay=WEIGHT_DECAY), dict(params=no_decay, weight_decay=0.0)],
-                            lr=lr, eps=1e-6, fused=True)  # fused: ~8x faster steps on CPU too
+    opt = adamw([p for p in model.parameters() if p.requires_grad], WEIGHT_DECAY, lr=lr, eps=1e-6)  # --probe: the head alone
     train, bs = data["train"], args.batch_size
     steps = args.epochs * math.ceil(len(train) / bs)
     # train.py's schedule: warm-up, then linear decay over the steps

@@ -323,6 +323,17 @@ def test_mlm_loss_ignores_unfilled_slots():
     assert loss.item() == pytest.approx(per_token[:2].mean().item())
 
 
+def test_adamw_decays_matrices_not_layernorm_weights_or_biases():
+    model = tiny_model()
+    decay, no_decay = train.adamw(model.parameters(), 0.1, lr=1e-3).param_groups
+    names = {id(p): name for name, p in model.named_parameters()}
+    assert (decay["weight_decay"], no_decay["weight_decay"]) == (0.1, 0.0)
+    assert {names[id(p)] for p in no_decay["params"]} == {n for n, p in model.named_parameters() if p.dim() == 1}
+    assert any("ln" in names[id(p)] and names[id(p)].endswith("weight") for p in no_decay["params"])
+    assert {names[id(p)] for p in decay["params"]} == {n for n, p in model.named_parameters() if p.dim() >= 2}
+    assert "tok_emb.weight" in {names[id(p)] for p in decay["params"]}
+
+
 def test_sctd_full_pass_exactly_every_interval(cache, tmp_path, monkeypatch):
     steps, full_passes = [], []
     forward, step_fn = Bert.forward, train.train_step

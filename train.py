@@ -378,13 +378,18 @@ def build(cfg, device):
     return (model, router, *optimizer(model, cfg, device))
 
 
+def adamw(params, weight_decay, **kwargs):
+    """AdamW with no weight decay on LayerNorm weights and biases (the 1-d parameters); finetune.py's too.
+    Fused: the whole update in one kernel, on the CPU too."""
+    params = list(params)
+    groups = [dict(params=[p for p in params if p.dim() >= 2], weight_decay=weight_decay),
+              dict(params=[p for p in params if p.dim() < 2], weight_decay=0.0)]
+    return torch.optim.AdamW(groups, fused=params[0].device.type in ("cpu", "cuda"), **kwargs)
+
+
 def optimizer(model, cfg, device):
-    """AdamW with no decay on LayerNorm weights and biases, and the fp16 loss scaler (bench.py's peer uses them too)."""
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    # fused: the whole update in one kernel, on the CPU too (as in finetune.py)
-    opt = torch.optim.AdamW([dict(params=decay, weight_decay=cfg.weight_decay), dict(params=no_decay, weight_decay=0.0)],
-                            lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, fused=device.type in ("cpu", "cuda"))
+    """AdamW and the fp16 loss scaler (bench.py's peer uses them too)."""
+    opt = adamw(model.parameters(), cfg.weight_decay, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
     return opt, torch.amp.GradScaler(device.type, enabled=cfg.dtype == "fp16")
 
 
