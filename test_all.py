@@ -422,6 +422,18 @@ def test_time_budget_ends_the_run_and_decays_the_lr_over_it(cache, tmp_path, mon
     assert [r["loss"] for r in resumed] == pytest.approx([r["loss"] for r in log[8:]], abs=1e-5)
 
 
+def test_time_budget_does_not_count_compilation(cache, tmp_path, monkeypatch):
+    ticks = iter(range(10**6))  # every step takes 0.5 s on a fake clock; compiling is the identity here
+    monkeypatch.setattr(train, "time", SimpleNamespace(perf_counter=lambda: 0.5 * next(ticks)))
+    monkeypatch.setattr(train.torch, "compile", lambda module: module)
+    args = ["--mode", "sctd", "--sctd_interval", 3, "--time_budget", 0.1, "--warmup", 2, "--eval_every", 100]
+    log = run_train(tmp_path / "a", cache, *args, "--compile")
+    # step 0 (the first ScTD step) and step 1 (the first dropping step) compile: 6 s of budget need 14 steps
+    assert [r["mode"] for r in log[:4]] == ["sctd", "drop", "drop", "sctd"]
+    assert [r["train_time"] for r in log] == [0.0, 0.0] + [0.5 * (s - 1) for s in range(2, 14)]
+    assert run_train(tmp_path / "b", cache, *args, "--no-compile")[-1]["step"] == 11  # eager: all 12 steps count
+
+
 def test_time_budget_overshot_by_the_last_step_still_saves_it(cache, tmp_path, monkeypatch):
     ticks = iter(range(10**6))  # steps of 4 s against a 6 s budget: the second one ends 2 s past it
     monkeypatch.setattr(train, "time", SimpleNamespace(perf_counter=lambda: 4.0 * next(ticks)))

@@ -52,9 +52,9 @@ class TrainConfig:
     batch_size: int = arg(None, "rows per micro-batch per process (default: 256 / world size)", type=int)
     grad_accum: int = arg(1, "micro-batches per optimizer step")
     steps: int = arg(1_000_000, "optimizer steps (BERT: 1M at batch 256)")
-    time_budget: float = arg(None, "minutes of training (evaluations and checkpoints not counted) after which the run "
-                             "ends; the lr then decays to 0 over that time instead of over --steps, which becomes a cap. "
-                             "For comparing modes at equal time; needs --warmup", type=float)
+    time_budget: float = arg(None, "minutes of training (evaluations, checkpoints and compilation not counted) after "
+                             "which the run ends; the lr then decays to 0 over that time instead of over --steps, which "
+                             "becomes a cap. For comparing modes at equal time; needs --warmup", type=float)
     lr: float = arg(None, "peak learning rate (default by size: 1e-4 for base/large, 5e-4 small/medium, 1e-3 tiny/mini)", type=float)
     warmup: int = arg(None, "linear warm-up steps, then linear decay to 0 at --steps "
                       "(default: 10%% of --steps, at most 10,000 as in BERT)", type=int)
@@ -477,6 +477,7 @@ def train(cfg):
     log = open(os.path.join(cfg.out_dir, "log.jsonl"), "a") if master else None
     Stop.install()
     bad, budget = 0, 60 * cfg.time_budget if cfg.time_budget else None
+    compiled = set()  # the step kinds (full, drop, sctd) run so far
     bar = tqdm(total=budget or cfg.steps, initial=min(clock["train_time"], budget) if budget else step,
                unit="s" if budget else "it",
                bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} s [{elapsed}<{remaining}{postfix}]" if budget else None,
@@ -488,7 +489,11 @@ def train(cfg):
         lr = lr_at(step, cfg, clock)
         out = train_step(fwd, router, opt, scaler, batches, cfg, step, lr, autocast)
         seconds = time.perf_counter() - t0
-        clock["train_time"] += seconds
+        # a step kind's first step (again after --resume) is where torch.compile compiles its graphs: not training
+        # time, and ScTD's two graphs would cost it more of an equal-time budget than full training's one
+        trained = 0.0 if cfg.compile and out["mode"] not in compiled else seconds
+        compiled.add(out["mode"])
+        clock["train_time"] += trained
         if step + 1 == cfg.warmup:
             clock["warmup_end"] = clock["train_time"]
         bad = bad + 1 if out["skipped"] else 0
@@ -511,7 +516,7 @@ def train(cfg):
         if master and (step % cfg.log_every == 0 or "val_loss" in record or out["mode"] == "sctd" or out["skipped"]):
             log.write(json.dumps(record) + "\n")
             log.flush()
-        bar.update(min(seconds, bar.total - bar.n) if budget else 1)  # tqdm cannot draw a count past its total
+        bar.update(min(trained, bar.total - bar.n) if budget else 1)  # tqdm cannot draw a count past its total
         bar.set_postfix(step=done, loss=f"{out['loss']:.3f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:,}")
         stop = agree(Stop.requested, world, device)
         if done % cfg.save_every == 0 or last or stop:
