@@ -344,10 +344,10 @@ def compare_runs(args):
             ("drift cos global", "drift_cos_global", "{:.4f}"), (f"min to {target:.3f}", "target_min", "{:.1f}"),
             ("saving vs full", "saving", "{:+.0%}")] + [(key, key, "{:.1f}") for key in tasks]
     print_markdown(rows, cols)
-    print(f"val loss, order gap, drift: the last evaluation. min to {target:.3f}: training minutes (evaluations not "
-          f"counted) until the validation loss first reached {target:.3f}, linear between evaluations; saving vs full: "
-          f"1 - that time / the full run's of the same seed." + (" Then the median dev score of each fine-tuning "
-          "saved beside the run." if tasks else ""))
+    print(f"val loss, order gap, drift: the last evaluation. min to {target:.3f}: training minutes (evaluations and "
+          f"compilation not counted) until the validation loss first reached {target:.3f}, linear between "
+          f"evaluations; saving vs full: 1 - that time / the full run's of the same seed."
+          + (" Then the median dev score of each fine-tuning saved beside the run." if tasks else ""))
     if args.plot:
         plot_runs(runs, target, args.plot)
     if args.json:
@@ -373,7 +373,7 @@ def plot_runs(runs, target, path):
                      linestyle=["-", "--", ":", "-."][seeds.index(cfg["seed"]) % 4])
         axes[0].plot([r["train_time"] / 60 for r in run["evals"]], [r["val_loss"] for r in run["evals"]], **style)
         axes[1].plot([r["tokens"] / 1e6 for r in run["evals"]], [r["val_loss"] for r in run["evals"]], **style)
-    for ax, xlabel in zip(axes, ["training minutes (evaluations not counted)", "training tokens (millions)"]):
+    for ax, xlabel in zip(axes, ["training minutes (evaluations, compilation not counted)", "training tokens (millions)"]):
         ax.axhline(target, color="gray", linewidth=0.8, linestyle=":", label=f"target {target:.3f}" if ax is axes[1] else None)
         ax.set_xlabel(xlabel)
         ax.grid(alpha=0.3)
