@@ -346,6 +346,10 @@ def finetune(task, data, init, args, lr, seed):
             opt.zero_grad(set_to_none=True)
             step += 1
             bar.set_postfix(loss=f"{loss.item():.3f}")
+    if args.save_dir:  # the encoder alone, in train.py's format: --ckpt starts another fine-tuning from it
+        torch.save(dict(model=model.bert.state_dict(), model_config=init.model_config, step=step,
+                        finetuned=f"{task.name} lr {lr:g} seed {seed}, from {init.source}"),
+                   os.path.join(args.save_dir, f"{task.name}_lr{lr:g}_seed{seed}.pt"))
     scores = {}
     for suffix, split in task.dev:
         scores.update({m + suffix: v for m, v in evaluate(model, task, data[split], 2 * bs, args.device, autocast).items()})
@@ -411,7 +415,9 @@ def load_init(args):
     except (TypeError, RuntimeError) as e:
         raise ValueError(f"--ckpt {args.ckpt} does not fit model.Bert ({str(e).splitlines()[0][:100]})")
     trained = ckpt.get("config", {})
-    source = f"{args.ckpt} (step {ckpt.get('step')}, --size {trained.get('size')}, --mode {trained.get('mode')})"
+    history = (f"fine-tuned on {ckpt['finetuned']}" if "finetuned" in ckpt else  # finetune.py --save_dir wrote it
+               f"step {ckpt.get('step')}, --size {trained.get('size')}, --mode {trained.get('mode')}")
+    source = f"{args.ckpt} ({history})"
     if args.init == "random":
         return SimpleNamespace(model_config=cfg, state=None, source=f"random init, the architecture of {source}")
     return SimpleNamespace(model_config=cfg, state=ckpt["model"], source=source)
@@ -463,6 +469,8 @@ def parse_args(argv=None):
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16"],
                    help="auto: bf16 autocast on GPUs that have it, else fp32 (bf16 also runs on CPU)")
+    p.add_argument("--save_dir", help="write each run's fine-tuned encoder (not its head) here, as TASK_lrLR_seedSEED.pt: "
+                   "a checkpoint --ckpt takes, to fine-tune it on another task (an intermediate task, then the target)")
     p.add_argument("--json", help="also write the results here")
     return p.parse_args(argv)
 
@@ -481,10 +489,13 @@ def run(args):
         (args.max_train is None or args.max_train >= 1, f"--max_train {args.max_train} must be at least 1"),
         (args.data_dir is None or os.path.isdir(args.data_dir), f"--data_dir {args.data_dir} is not a folder; "
          f"give the folder of the GLUE/SuperGLUE task folders, or leave it out to download them"),
+        (args.save_dir is None or not os.path.isfile(args.save_dir), f"--save_dir {args.save_dir} is a file, not a folder"),
     ]
     for ok, message in rules:
         if not ok:
             raise ValueError(message)
+    if args.save_dir:
+        os.makedirs(args.save_dir, exist_ok=True)
     args.device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     if args.dtype == "auto":
         args.dtype = "bf16" if args.device.startswith("cuda") and torch.cuda.is_bf16_supported() else "fp32"

@@ -974,6 +974,18 @@ def test_finetune_bf16_autocast(tiny_ckpt, tmp_path):
     assert all(-100 <= v <= 100 for v in results["results"]["stsb"]["median"].values())
 
 
+def test_finetune_saves_the_encoder_for_another_finetuning(tiny_ckpt, tmp_path):
+    """--save_dir writes each run's fine-tuned encoder, and --ckpt starts from it (an intermediate task first)."""
+    finetune.main(["--ckpt", tiny_ckpt, "--task", "stsb", "--data_dir", SHARED, "--max_train", "32", "--epochs", "1",
+                   "--batch_size", "16", "--max_len", "64", "--lr", "1e-3", "--seeds", "3", "--save_dir", str(tmp_path)])
+    pretrained = finetune.load_init(finetune.parse_args(["--task", "rte", "--ckpt", tiny_ckpt]))
+    tuned = finetune.load_init(finetune.parse_args(["--task", "rte", "--ckpt", str(tmp_path / "stsb_lr0.001_seed3.pt")]))
+    assert "fine-tuned on stsb lr 0.001 seed 3" in tuned.source and tiny_ckpt in tuned.source
+    assert tuned.model_config == pretrained.model_config and tuned.state.keys() == pretrained.state.keys()
+    moved = [k for k in pretrained.state if not torch.equal(tuned.state[k], pretrained.state[k])]
+    assert len(moved) > len(pretrained.state) // 2  # the weights after fine-tuning, not the ones it started from
+
+
 def test_random_init_keeps_the_architecture_not_the_weights(tiny_ckpt):
     args = finetune.parse_args(["--task", "sst2", "--ckpt", tiny_ckpt])
     trained = finetune.load_init(args)
@@ -1008,6 +1020,7 @@ BAD_INPUT = [
     (["--task", "sst2", "--init", "random", "--lr", "fast"], "--lr"),
     (["--task", "sst2", "--init", "random", "--dropout", "1.5"], "--dropout"),
     (["--task", "sst2", "--init", "random", "--size", "huge"], "--size"),
+    (["--task", "sst2", "--init", "random", "--save_dir", "{bad}/text.pt"], "--save_dir"),
 ]
 
 
