@@ -347,7 +347,7 @@ def finetune(task, data, init, args, lr, seed):
             step += 1
             bar.set_postfix(loss=f"{loss.item():.3f}")
     if args.save_dir:  # the encoder alone, in train.py's format: --ckpt starts another fine-tuning from it
-        torch.save(dict(model=model.bert.state_dict(), model_config=init.model_config, step=step,
+        torch.save(dict(model=model.bert.state_dict(), model_config=init.model_config,
                         finetuned=f"{task.name} lr {lr:g} seed {seed}, from {init.source}"),
                    os.path.join(args.save_dir, f"{task.name}_lr{lr:g}_seed{seed}.pt"))
     scores = {}
