@@ -35,13 +35,19 @@ TEXT_EXTS = (".txt", ".jsonl")
 ARCHIVE_EXTS = ("", ".xz", ".gz")
 
 
+# tiktoken's two gpt2 files (MIT, OpenAI's GPT-2 release) ship in the repository, named as tiktoken's cache names
+# them, so the tokenizer loads offline with nothing to download. TIKTOKEN_CACHE_DIR, if set, is used instead.
+GPT2_CACHE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "testdata", "tiktoken_cache")
+
+
 def get_encoding():
-    """The gpt2 BPE; fails in one sentence when it cannot be loaded (offline, no cache)."""
+    """The gpt2 BPE; fails in one sentence when it cannot be loaded."""
+    os.environ.setdefault("TIKTOKEN_CACHE_DIR", GPT2_CACHE)
     try:
         return tiktoken.get_encoding("gpt2")
     except Exception as e:
-        raise ValueError(f"could not load tiktoken's gpt2 encoding ({type(e).__name__}); offline? set "
-                         f"TIKTOKEN_CACHE_DIR to a folder holding its files, e.g. ../shared/data/tiktoken_cache")
+        raise ValueError(f"could not load tiktoken's gpt2 encoding ({type(e).__name__}) from TIKTOKEN_CACHE_DIR="
+                         f"{os.environ['TIKTOKEN_CACHE_DIR']}; unset it to use the files in {GPT2_CACHE}") from None
 
 
 GPT2_FILES = "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/"  # what tiktoken builds its gpt2 from

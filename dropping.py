@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-# The four stages of the layer schedule (SPEC §2). With L layers (0-indexed):
+# The four stages of the layer schedule (Hou et al. 2022). With L layers (0-indexed):
 FULL = "full"          # [0, L/2-1): all tokens
 FIRST = "first"        # L/2-1: queries = kept tokens, keys/values = all tokens
 DROPPED = "dropped"    # [L/2, L-1): kept tokens attend to kept tokens only
@@ -105,7 +105,7 @@ class Router(nn.Module):
             dist.all_reduce(self.count)
         seen = self.learned & (self.count > 0)
         if self.kind == "loss":
-            # several occurrences of an id in one step: average their losses first (SPEC §2)
+            # several occurrences of an id in one step: average their losses (the reference code lets one win)
             mean_loss = self.loss_sum / self.count.clamp(min=1)
             ema = self.beta * self.importance + (1 - self.beta) * mean_loss
             self.importance.copy_(torch.where(seen, ema, self.importance))

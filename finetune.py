@@ -1,9 +1,10 @@
 """
-Fine-tune a checkpoint on GLUE and SuperGLUE tasks and report dev-set scores (SPEC §4).
+Fine-tune a checkpoint on GLUE and SuperGLUE tasks and report dev-set scores, with
+BERT's fine-tuning recipe (Devlin et al. 2019).
 
-    python finetune.py --ckpt out/ckpt.pt --task sst2 --data_dir ../shared/data/glue
-    python finetune.py --ckpt out/ckpt.pt --task glue,superglue --json scores.json        # from the hub
-    python finetune.py --init random --size mini --task rte,cb --data_dir ../shared/data   # the floor
+    python finetune.py --ckpt out/ckpt.pt --task sst2,rte --data_dir testdata          # the fixtures: a smoke test
+    python finetune.py --ckpt out/ckpt.pt --task glue,superglue --json scores.json      # all 14, from the hub
+    python finetune.py --init random --size mini --task rte,cb --data_dir DIR           # the floor to clear
 
 A token-dropping or ScTD checkpoint is a plain BERT here: fine-tuning always runs the full model.
 Each (lr, seed) is one run; per task the table keeps the lr with the best median dev score and
@@ -26,7 +27,7 @@ from tqdm import tqdm
 
 from data import CLS, PAD, SEP, VOCAB_SIZE, get_encoding
 from model import SIZES, Bert, BertConfig, from_transformers
-from train import OneLineParser, TrainConfig, adamw, lr_at, model_config
+from train import OneLineParser, adamw
 
 WEIGHT_DECAY = 0.01
 HUB = {"glue": "nyu-mll/glue", "superglue": "aps/super_glue"}
@@ -267,7 +268,7 @@ def length_batches(examples, batch_size, rng=None):
 # Model, training, evaluation
 
 class Classifier(nn.Module):
-    """BERT + a task head: dropout -> linear (SPEC §4) on [CLS]'s final state, or on the mean of the real
+    """BERT + a task head: dropout -> linear (BERT's) on [CLS]'s final state, or on the mean of the real
     tokens' (pool="mean"). Pretraining has no next-sentence objective, so there is no pretrained pooler
     to reuse, and no masked-LM loss reads [CLS]'s final state (only ScTD's constraints do)."""
 
@@ -317,6 +318,13 @@ def evaluate(model, task, examples, batch_size, device, autocast):
     return {m: METRICS[m](pred, gold) for m in task.metrics}
 
 
+def lr_at(step, peak, steps, warmup):
+    """BERT's fine-tuning schedule: linear warm-up to peak over warmup steps, then linear decay to 0 at steps."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    return peak * (steps - step) / (steps - warmup)
+
+
 def finetune(task, data, init, args, lr, seed):
     """One run: fine-tune on data["train"] from init's weights; returns {metric + dev suffix: score}."""
     torch.manual_seed(seed)  # the head, dropout, and with --init random the whole model
@@ -327,8 +335,7 @@ def finetune(task, data, init, args, lr, seed):
     opt = adamw([p for p in model.parameters() if p.requires_grad], WEIGHT_DECAY, lr=lr, eps=1e-6)  # --probe: the head alone
     train, bs = data["train"], args.batch_size
     steps = args.epochs * math.ceil(len(train) / bs)
-    # train.py's schedule: warm-up, then linear decay over the steps
-    schedule = SimpleNamespace(lr=lr, steps=steps, warmup=int(args.warmup * steps), time_budget=None)
+    warmup = int(args.warmup * steps)
     rng, step = np.random.default_rng(seed), 0
     autocast = torch.autocast(torch.device(args.device).type, dtype=torch.bfloat16, enabled=args.dtype == "bf16")
     for epoch in range(args.epochs):
@@ -341,7 +348,7 @@ def finetune(task, data, init, args, lr, seed):
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             for group in opt.param_groups:
-                group["lr"] = lr_at(step, schedule)
+                group["lr"] = lr_at(step, lr, steps, warmup)
             opt.step()
             opt.zero_grad(set_to_none=True)
             step += 1
@@ -388,7 +395,7 @@ def load_init(args):
         if args.init == "checkpoint":
             raise ValueError("--ckpt is missing; pass a checkpoint written by train.py (its --out_dir/ckpt.pt), "
                              "or --init random for the untrained baseline")
-        arch = model_config(TrainConfig(size=args.size))  # train.py's default architecture at that size
+        arch = BertConfig(**SIZES[args.size])  # the default architecture at that size, as train.py builds it
         return SimpleNamespace(model_config=asdict(arch), state=None,
                                source=f"random init, --size {args.size} --position {arch.position} --norm {arch.norm}")
     if os.path.isdir(args.ckpt):  # a transformers model (train.py --export wrote it, or it was trained there since)

@@ -42,7 +42,7 @@ def sctd_loss(mlm_drop, mlm_full, full, drop, lam):
 
 
 def semantic_drift(full, drop):
-    """The drift diagnostic (SPEC §3): KL and cosine similarity of [CLS] between the passes, at both places."""
+    """The semantic drift diagnostic (Zhong et al. 2023): KL and cosine similarity of [CLS] between the passes, at both places."""
     out = {}
     for name, h_full, h_drop in (("local", full[0], drop[0]), ("global", full[1], drop[1])):
         out[f"kl_{name}"] = cls_kl(h_full, h_drop).item()

@@ -1,13 +1,15 @@
 """
-BERT from scratch (SPEC §1): embeddings, encoder layers, a masked-LM head whose logits are computed
-only at the masked positions. The encoder runs the token-dropping layer schedule of dropping.py
+BERT from scratch (Devlin et al. 2019): embeddings, encoder layers, a masked-LM head whose logits are
+computed only at the masked positions. The encoder runs the token-dropping layer schedule of dropping.py
 when it is given the kept positions, and the plain encoder otherwise.
 
 Two architecture switches, recorded in BertConfig (so in every checkpoint):
-- position: "absolute" learned embeddings (BERT); "rotary" (RoFormer, Su et al. 2021) or "alibi"
-  (Press et al. 2022) act inside attention on each token's position in the original row, so a
-  kept token keeps its place when its neighbours are dropped.
+- position: "rotary" (RoFormer, Su et al. 2021; the default) or "alibi" (Press et al. 2022) act
+  inside attention on each token's position in the original row, so a kept token keeps its place
+  when its neighbours are dropped; "absolute" is BERT's learned position embeddings.
 - norm: "post" LayerNorm after each residual (BERT); "pre" before each sublayer plus a final one.
+BertConfig's defaults are the pretraining recipe's (train.py takes them from here); the paper's
+BERT is position="absolute", dropout=0.1.
 """
 from dataclasses import dataclass
 
@@ -26,8 +28,8 @@ class BertConfig:
     n_embd: int = 768
     max_position: int = 512
     type_vocab_size: int = 2
-    dropout: float = 0.1
-    position: str = "absolute"  # one of POSITIONS
+    dropout: float = 0.0  # BERT: 0.1; 0 learns faster when each token is seen about once (docs/recipe.md)
+    position: str = "rotary"  # one of POSITIONS; BERT: absolute, which leaves the bag-of-words plateau far later
     norm: str = "post"  # one of NORMS
 
 
@@ -41,6 +43,7 @@ SIZES = {
     "mini": dict(n_layer=4, n_embd=256, n_head=4),
     "small": dict(n_layer=4, n_embd=512, n_head=8),
     "medium": dict(n_layer=8, n_embd=512, n_head=8),
+    "mini12": dict(n_layer=12, n_embd=256, n_head=4),  # L-12 H-256: base's layer schedule at mini's width
     "base": dict(n_layer=12, n_embd=768, n_head=12),
     "large": dict(n_layer=24, n_embd=1024, n_head=16),
 }

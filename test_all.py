@@ -1,6 +1,7 @@
 """
-The method, as tests. CPU, offline, tiny sizes: `pytest -q test_all.py`.
-Needs the gpt2 BPE offline: TIKTOKEN_CACHE_DIR=../shared/data/tiktoken_cache (set below if unset).
+The method, as tests. CPU, offline, tiny sizes: `python -m pytest -q test_all.py`.
+They read only the repository's own fixtures (testdata/: a Wikipedia sample, a few rows of each GLUE/SuperGLUE
+format, the gpt2 BPE files).
 """
 import json
 import math
@@ -20,9 +21,8 @@ import pytest
 import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-SHARED = os.path.join(HERE, "..", "shared", "data")
-CORPUS = os.path.join(SHARED, "corpus", "enwiki_small_train.jsonl.xz")
-os.environ.setdefault("TIKTOKEN_CACHE_DIR", os.path.join(SHARED, "tiktoken_cache"))
+TESTDATA = os.path.join(HERE, "testdata")
+CORPUS = os.path.join(TESTDATA, "enwiki_small.jsonl.xz")
 
 import bench  # noqa: E402
 import data  # noqa: E402
@@ -77,7 +77,7 @@ def one_line_error(err, *words):
 
 
 # ------------------------------------------------------------------------------------------------
-# The model
+# model.py: the encoder, its MLM head and position schemes
 
 @pytest.mark.parametrize("position,norm", VARIANTS)
 def test_shapes(position, norm):
@@ -158,66 +158,21 @@ def test_sctd_reads_states_through_the_same_final_layernorm(cache, norm):
     assert isinstance(model.ln_f, torch.nn.LayerNorm) == (norm == "pre")
 
 
-# ------------------------------------------------------------------------------------------------
-# Data: packing and dynamic masking
-
-def test_packing_cls_first_sep_last(cache):
-    b = real_batch(cache, batch_size=8, seq_len=40)
-    assert b.input_ids.shape == (8, 40)
-    assert (b.input_ids[:, 0] == data.CLS).all() and (b.input_ids[:, -1] == data.SEP).all()
-    assert not (b.input_ids == data.PAD).any()  # packed rows: no padding in pretraining
-
-
-@pytest.mark.parametrize("rate", [0.15, 0.3])
-def test_masking_statistics(cache, rate):
-    b = real_batch(cache, batch_size=512, seq_len=128, mask_rate=rate)
-    targets, positions = b.mlm_targets, b.mlm_positions
-    original = b.input_ids.clone().scatter_(1, positions, targets.clamp(min=0))
-    special = original >= data.EOT
-    valid = targets >= 0
-    assert not special.gather(1, positions)[valid].any()  # a special token is never masked
-    assert abs(valid.sum().item() / (~special).sum().item() - rate) < 0.01
-    now, was = b.input_ids.gather(1, positions)[valid], targets[valid]
-    to_mask = (now == data.MASK).float().mean().item()
-    unchanged = (now == was).float().mean().item()
-    assert abs(to_mask - 0.8) < 0.02 and abs(unchanged - 0.1) < 0.02 and abs(1 - to_mask - unchanged - 0.1) < 0.02
-    assert (b.input_ids[:, 0] == data.CLS).all() and (b.input_ids[:, -1] == data.SEP).all()
-
-
-def test_masking_is_per_example_not_per_batch(cache):
-    """Example 5 is masked the same way in a batch of 8 and in a batch of 2 (what makes DDP exact)."""
-    batches = data.Batches(data.load_tokens(data.cache_folder(CORPUS, None, cache, None), "train"), 32, 3,
-                           torch.device("cpu"))
-    big = batches.get(torch.arange(8).numpy())
-    small = batches.get(torch.arange(4, 6).numpy())
-    assert torch.equal(big.input_ids[5], small.input_ids[1]) and torch.equal(big.noise[5], small.noise[1])
-    assert not torch.equal(big.input_ids[4], big.input_ids[5])
-
-
-def test_shuffle_order_moves_words_and_their_masks_together(cache):
-    b = real_batch(cache, batch_size=6, seq_len=48)
-    s = data.shuffle_order(b, seed=1)
-    assert (s.input_ids[:, 0] == data.CLS).all() and (s.input_ids[:, -1] == data.SEP).all()
-    assert torch.equal(s.input_ids.sort(dim=1).values, b.input_ids.sort(dim=1).values)  # the same words per row
-    assert not torch.equal(s.input_ids, b.input_ids)
-    assert (s.mlm_positions.diff(dim=1) > 0).all()  # still increasing, as Batch promises
-    # each target is still paired with the token now standing in for it (a [MASK], a random or the same id)
-    pairs = lambda x: sorted(zip(x.input_ids.gather(1, x.mlm_positions).flatten().tolist(), x.mlm_targets.flatten().tolist()))
-    assert pairs(s) == pairs(b)
-
-
-def test_order_gap_is_zero_only_without_positions(cache):
-    """Without position embeddings attention cannot see word order: the shuffled rows score the same."""
-    b, model = real_batch(cache, batch_size=4, seq_len=48), tiny_model()
-    loss = lambda x: mlm_loss(model(x.input_ids, x.mlm_positions)[0], x.mlm_targets)[0].item()
+def test_drop_path_compiles_and_matches_eager(cache):
+    model = tiny_model(n_layer=4)
+    b = real_batch(cache)
+    router = Router(data.VOCAB_SIZE, data.SPECIAL_IDS, data.PAD, data.CLS)
+    keep_idx = router.select(b.input_ids, 32, b.noise)
+    compiled = torch.compile(model)
     with torch.no_grad():
-        assert abs(loss(data.shuffle_order(b, 0)) - loss(b)) > 1e-4
-        model.pos_emb.weight.zero_()
-        assert abs(loss(data.shuffle_order(b, 0)) - loss(b)) < 1e-5
+        eager = model(b.input_ids, b.mlm_positions, keep_idx)
+        fast = compiled(b.input_ids, b.mlm_positions, keep_idx)
+    for a, c in zip(eager, fast):
+        assert (a - c).abs().max() < 1e-4
 
 
 # ------------------------------------------------------------------------------------------------
-# Token dropping
+# dropping.py: the layer schedule and the router
 
 def test_layer_schedule():
     assert layer_schedule(12) == ["full"] * 5 + ["first"] + ["dropped"] * 5 + ["last"]
@@ -301,7 +256,7 @@ def test_frequency_router_keeps_rare_tokens():
 
 
 # ------------------------------------------------------------------------------------------------
-# ScTD
+# loss.py: masked LM and ScTD's semantic constraints
 
 def test_kl_zero_for_identical_passes_positive_otherwise():
     h = torch.randn(4, 8, 16)
@@ -322,6 +277,122 @@ def test_mlm_loss_ignores_unfilled_slots():
     assert per_token[2] == 0
     assert loss.item() == pytest.approx(per_token[:2].mean().item())
 
+
+# ------------------------------------------------------------------------------------------------
+# data.py: preparation, packing, dynamic masking
+
+def test_packing_cls_first_sep_last(cache):
+    b = real_batch(cache, batch_size=8, seq_len=40)
+    assert b.input_ids.shape == (8, 40)
+    assert (b.input_ids[:, 0] == data.CLS).all() and (b.input_ids[:, -1] == data.SEP).all()
+    assert not (b.input_ids == data.PAD).any()  # packed rows: no padding in pretraining
+
+
+@pytest.mark.parametrize("rate", [0.15, 0.3])
+def test_masking_statistics(cache, rate):
+    b = real_batch(cache, batch_size=512, seq_len=128, mask_rate=rate)
+    targets, positions = b.mlm_targets, b.mlm_positions
+    original = b.input_ids.clone().scatter_(1, positions, targets.clamp(min=0))
+    special = original >= data.EOT
+    valid = targets >= 0
+    assert not special.gather(1, positions)[valid].any()  # a special token is never masked
+    assert abs(valid.sum().item() / (~special).sum().item() - rate) < 0.01
+    now, was = b.input_ids.gather(1, positions)[valid], targets[valid]
+    to_mask = (now == data.MASK).float().mean().item()
+    unchanged = (now == was).float().mean().item()
+    assert abs(to_mask - 0.8) < 0.02 and abs(unchanged - 0.1) < 0.02 and abs(1 - to_mask - unchanged - 0.1) < 0.02
+    assert (b.input_ids[:, 0] == data.CLS).all() and (b.input_ids[:, -1] == data.SEP).all()
+
+
+def test_masking_is_per_example_not_per_batch(cache):
+    """Example 5 is masked the same way in a batch of 8 and in a batch of 2 (what makes DDP exact)."""
+    batches = data.Batches(data.load_tokens(data.cache_folder(CORPUS, None, cache, None), "train"), 32, 3,
+                           torch.device("cpu"))
+    big = batches.get(torch.arange(8).numpy())
+    small = batches.get(torch.arange(4, 6).numpy())
+    assert torch.equal(big.input_ids[5], small.input_ids[1]) and torch.equal(big.noise[5], small.noise[1])
+    assert not torch.equal(big.input_ids[4], big.input_ids[5])
+
+
+def test_shuffle_order_moves_words_and_their_masks_together(cache):
+    b = real_batch(cache, batch_size=6, seq_len=48)
+    s = data.shuffle_order(b, seed=1)
+    assert (s.input_ids[:, 0] == data.CLS).all() and (s.input_ids[:, -1] == data.SEP).all()
+    assert torch.equal(s.input_ids.sort(dim=1).values, b.input_ids.sort(dim=1).values)  # the same words per row
+    assert not torch.equal(s.input_ids, b.input_ids)
+    assert (s.mlm_positions.diff(dim=1) > 0).all()  # still increasing, as Batch promises
+    # each target is still paired with the token now standing in for it (a [MASK], a random or the same id)
+    pairs = lambda x: sorted(zip(x.input_ids.gather(1, x.mlm_positions).flatten().tolist(), x.mlm_targets.flatten().tolist()))
+    assert pairs(s) == pairs(b)
+
+
+def test_order_gap_is_zero_only_without_positions(cache):
+    """Without position embeddings attention cannot see word order: the shuffled rows score the same."""
+    b, model = real_batch(cache, batch_size=4, seq_len=48), tiny_model()
+    loss = lambda x: mlm_loss(model(x.input_ids, x.mlm_positions)[0], x.mlm_targets)[0].item()
+    with torch.no_grad():
+        assert abs(loss(data.shuffle_order(b, 0)) - loss(b)) > 1e-4
+        model.pos_emb.weight.zero_()
+        assert abs(loss(data.shuffle_order(b, 0)) - loss(b)) < 1e-5
+
+
+def test_odd_text_is_counted_not_fatal(tmp_path):
+    corpus = tmp_path / "odd.txt"
+    docs = [b"First document, plain.", b"Bad bytes \xff\xfe here and \xc3 there.", b"Third " * 400]
+    corpus.write_bytes(b"\n\n\n".join(docs) + b"\n")
+    folder = data.prepare(str(corpus), cache_dir=str(tmp_path / "cache"))
+    meta = json.load(open(os.path.join(folder, "meta.json")))
+    assert meta["invalid_utf8_bytes"] == 3 and meta["documents"] == 3
+    assert meta["val_tokens"] == len(data.get_encoding().encode_ordinary(docs[0].decode() + "\n")) + 1  # 1st doc + EOT
+    jsonl = tmp_path / "odd.jsonl"
+    jsonl.write_text("\n".join(json.dumps({"text": t}) for t in ["one", "", "  ", "two " * 5000, "three"]))
+    folder = data.prepare(str(jsonl), cache_dir=str(tmp_path / "cache"), max_tokens=100)
+    meta = json.load(open(os.path.join(folder, "meta.json")))
+    assert meta["empty_documents"] == 2 and meta["train_tokens"] == 100  # a document longer than the budget: cut
+
+
+def test_interrupted_preparation_leaves_no_cache(tmp_path, monkeypatch):
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("\n\n".join(f"document number {i}" for i in range(300)))
+    chunks = data._chunks
+    monkeypatch.setattr(data, "_chunks", lambda docs: (c if i == 0 else 1 / 0 for i, c in enumerate(chunks(docs, 100))))
+    with pytest.raises(ZeroDivisionError):
+        data.prepare(str(corpus), cache_dir=str(tmp_path / "cache"))
+    folder = data.cache_folder(str(corpus), None, str(tmp_path / "cache"), None)
+    assert not os.path.exists(folder)  # only folder.tmp, which the next run replaces
+    monkeypatch.setattr(data, "_chunks", chunks)
+    assert json.load(open(os.path.join(data.prepare(str(corpus), cache_dir=str(tmp_path / "cache")), "meta.json")))["documents"] == 300
+
+
+def test_two_runs_preparing_the_same_source_side_by_side(tmp_path):
+    """The second waits for the first and reuses its folder (they once wrote into one temporary folder and broke it)."""
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("\n\n".join(f"document number {i} " * 50 for i in range(2000)))
+    code = f"import data; print(data.prepare({str(corpus)!r}, cache_dir={str(tmp_path / 'cache')!r}))"
+    runs = [subprocess.Popen([sys.executable, "-c", code], cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for _ in range(2)]
+    outs = [run.communicate(timeout=300) for run in runs]
+    assert [run.returncode for run in runs] == [0, 0], outs
+    folder = outs[0][0].strip().splitlines()[-1]
+    meta = json.load(open(os.path.join(folder, "meta.json")))
+    assert outs[1][0].strip().splitlines()[-1] == folder and meta["documents"] == 2000
+    assert os.path.getsize(os.path.join(folder, "train.bin")) == 2 * meta["train_tokens"]
+
+
+def test_truncated_token_file_and_tiny_corpus_are_refused(cache, tmp_path):
+    small = tmp_path / "small.txt"
+    small.write_text("\n\n".join(["a few words"] * 3 + ["more words here " * 10]))
+    code, err = run_cli(*train_cmd(tmp_path / "o", str(tmp_path / "cache"), "--data", small, "--steps", 2))
+    assert code != 0 and one_line_error(err, "--batch_size"), err
+    folder = data.prepare(CORPUS, cache_dir=str(tmp_path / "cache2"))
+    with open(os.path.join(folder, "train.bin"), "r+b") as f:
+        f.truncate(1000)  # as if killed mid-write
+    code, err = run_cli(*train_cmd(tmp_path / "o", str(tmp_path / "cache2"), "--steps", 2))
+    assert code != 0 and one_line_error(err, "truncated", folder), err
+
+
+# ------------------------------------------------------------------------------------------------
+# train.py: the training step, runs, resume, the time budget
 
 def test_adamw_decays_matrices_not_layernorm_weights_or_biases():
     model = tiny_model()
@@ -354,22 +425,6 @@ def test_sctd_full_pass_exactly_every_interval(cache, tmp_path, monkeypatch):
     assert all("kl_local" in r for r in log if r["mode"] == "sctd")
     assert all(r["mode"] == "drop" for r in log if r["step"] not in (0, 10))
 
-
-def test_drop_path_compiles_and_matches_eager(cache):
-    model = tiny_model(n_layer=4)
-    b = real_batch(cache)
-    router = Router(data.VOCAB_SIZE, data.SPECIAL_IDS, data.PAD, data.CLS)
-    keep_idx = router.select(b.input_ids, 32, b.noise)
-    compiled = torch.compile(model)
-    with torch.no_grad():
-        eager = model(b.input_ids, b.mlm_positions, keep_idx)
-        fast = compiled(b.input_ids, b.mlm_positions, keep_idx)
-    for a, c in zip(eager, fast):
-        assert (a - c).abs().max() < 1e-4
-
-
-# ------------------------------------------------------------------------------------------------
-# Training runs
 
 def test_tiny_model_learns(cache, tmp_path, capsys):
     log = run_train(tmp_path, cache, "--steps", 60, "--eval_every", 20, "--batch_size", 8)
@@ -465,56 +520,30 @@ def test_checkpoint_records_the_variant_and_everything_follows_it(cache, tmp_pat
     assert random.model_config["position"] == train.TrainConfig.position
 
 
-@pytest.mark.parametrize("flag", ["--resume", "--eval_only"])
-def test_missing_checkpoint_fails_before_data_preparation(tmp_path, flag):
-    code, err = run_cli("train.py", "--size", "tiny", "--data", CORPUS, "--cache_dir", str(tmp_path / "cache"),
-                        "--out_dir", str(tmp_path / "out"), flag)
-    assert code != 0 and one_line_error(err, flag, "no checkpoint") and not (tmp_path / "cache").exists(), err
+def test_the_12_layer_size_trains_resumes_benches_and_exports(cache, tmp_path):
+    """--size mini12 (L-12 H-256): BERT-base's layer schedule at mini's width, through every entry point."""
+    args = ["--size", "mini12", "--mode", "sctd", "--sctd_interval", 2, "--steps", 4, "--save_every", 2,
+            "--eval_every", 4, "--batch_size", 2]
+    whole = run_train(tmp_path / "a", cache, *args)
+    ckpt = torch.load(tmp_path / "a" / "ckpt.pt", weights_only=True)
+    assert ckpt["config"]["size"] == "mini12" and ckpt["model_config"]["n_embd"] == 256
+    assert sum(k.endswith("ffn.0.weight") for k in ckpt["model"]) == 12
+    (tmp_path / "b").mkdir()
+    shutil.copy(tmp_path / "a" / "ckpt_prev.pt", tmp_path / "b" / "ckpt.pt")  # the step-2 checkpoint
+    resumed = run_train(tmp_path / "b", cache, *args[2:], "--resume")  # --size tiny given: the checkpoint's wins
+    assert [r["loss"] for r in resumed] == pytest.approx([r["loss"] for r in whole[2:]], abs=1e-5)
+    assert [r["mode"] for r in resumed] == ["sctd", "drop"]
+    rows = bench.benchmark(bench.parse_args(["--sizes", "mini", "mini12", "--seq_lens", "64", "--batch_size", "2",
+                                             "--steps", "2", "--warmup", "0"]))
+    drop = {r["size"]: r["flops_speedup"] for r in rows if r["mode"] == "drop"}
+    assert drop["mini12"] > drop["mini"] > 1  # five of twelve layers run on the kept half, one of four at mini
+    pytest.importorskip("transformers")
+    train.main(["--out_dir", str(tmp_path / "a"), "--export", str(tmp_path / "hf")])
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["num_hidden_layers"] == 12
 
 
 # ------------------------------------------------------------------------------------------------
-# Bad input: one line, naming the flag, non-zero exit
-
-BAD_TRAIN_INPUT = [
-    (["--size", "huge"], "--size"),
-    (["--seq_len", "1024"], "--seq_len"),
-    (["--seq_len", "4"], "--seq_len"),
-    (["--batch_size", "0"], "--batch_size"),
-    (["--data", "no/such/file.jsonl"], "--data"),
-    (["--mode", "drop", "--keep", "1.5"], "--keep"),
-    (["--mode", "drop", "--keep", "0"], "--keep"),
-    (["--mode", "drop", "--keep", "0.1"], "--keep"),
-    (["--mode", "sctd", "--sctd_interval", "0"], "--sctd_interval"),
-    (["--router", "oracle"], "--router"),
-    (["--mask_rate", "0"], "--mask_rate"),
-    (["--mask_rate", "1"], "--mask_rate"),
-    (["--mode", "drop", "--mask_rate", "0.6"], "--keep"),  # 76 masked tokens do not fit in the 64 kept
-    (["--time_budget", "0", "--warmup", "5"], "--time_budget"),
-    (["--time_budget", "60"], "--warmup"),
-    (["--resume", "--out_dir", "/nonexistent/out"], "--resume"),
-]
-
-
-@pytest.mark.parametrize("args,flag", BAD_TRAIN_INPUT)
-def test_bad_train_input(args, flag, cache, capsys):
-    with pytest.raises(SystemExit) as e:
-        train.main(["--size", "tiny", "--data", CORPUS, "--cache_dir", cache, *args])
-    err = str(e.value.code) if isinstance(e.value.code, str) else capsys.readouterr().err
-    assert e.value.code != 0 and one_line_error(err, flag), err
-
-
-def test_empty_corpus_and_offline_hub(tmp_path):
-    empty = tmp_path / "empty.txt"
-    empty.write_text("\n\n   \n")
-    code, err = run_cli("train.py", "--size", "tiny", "--data", str(empty), "--cache_dir", str(tmp_path))
-    assert code != 0 and one_line_error(err, "--data"), err
-    code, err = run_cli("train.py", "--size", "tiny", "--data", "nobody/no-such-dataset", "--cache_dir", str(tmp_path),
-                        env=dict(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1"))
-    assert code != 0 and one_line_error(err, "offline", "--data"), err
-
-
-# ------------------------------------------------------------------------------------------------
-# Reliability: kills, signals, damaged checkpoints, non-finite losses
+# train.py: reliability (kills, signals, damaged checkpoints, non-finite losses)
 
 def last_per_step(log):
     """A resumed run logs some steps twice; the later line is the one that counts."""
@@ -606,7 +635,7 @@ def test_too_many_bad_steps_stop_the_run(cache, tmp_path, monkeypatch):
 
 
 # ------------------------------------------------------------------------------------------------
-# DDP is exactly data parallelism
+# train.py: DDP is exactly data parallelism
 
 DDP_DRIVER = """
 import os, sys, torch
@@ -648,393 +677,7 @@ def test_ddp_equals_one_process_with_the_whole_batch(cache, tmp_path, mode):
 
 
 # ------------------------------------------------------------------------------------------------
-# Odd data
-
-def test_odd_text_is_counted_not_fatal(tmp_path):
-    corpus = tmp_path / "odd.txt"
-    docs = [b"First document, plain.", b"Bad bytes \xff\xfe here and \xc3 there.", b"Third " * 400]
-    corpus.write_bytes(b"\n\n\n".join(docs) + b"\n")
-    folder = data.prepare(str(corpus), cache_dir=str(tmp_path / "cache"))
-    meta = json.load(open(os.path.join(folder, "meta.json")))
-    assert meta["invalid_utf8_bytes"] == 3 and meta["documents"] == 3
-    assert meta["val_tokens"] == len(data.get_encoding().encode_ordinary(docs[0].decode() + "\n")) + 1  # 1st doc + EOT
-    jsonl = tmp_path / "odd.jsonl"
-    jsonl.write_text("\n".join(json.dumps({"text": t}) for t in ["one", "", "  ", "two " * 5000, "three"]))
-    folder = data.prepare(str(jsonl), cache_dir=str(tmp_path / "cache"), max_tokens=100)
-    meta = json.load(open(os.path.join(folder, "meta.json")))
-    assert meta["empty_documents"] == 2 and meta["train_tokens"] == 100  # a document longer than the budget: cut
-
-
-def test_interrupted_preparation_leaves_no_cache(tmp_path, monkeypatch):
-    corpus = tmp_path / "c.txt"
-    corpus.write_text("\n\n".join(f"document number {i}" for i in range(300)))
-    chunks = data._chunks
-    monkeypatch.setattr(data, "_chunks", lambda docs: (c if i == 0 else 1 / 0 for i, c in enumerate(chunks(docs, 100))))
-    with pytest.raises(ZeroDivisionError):
-        data.prepare(str(corpus), cache_dir=str(tmp_path / "cache"))
-    folder = data.cache_folder(str(corpus), None, str(tmp_path / "cache"), None)
-    assert not os.path.exists(folder)  # only folder.tmp, which the next run replaces
-    monkeypatch.setattr(data, "_chunks", chunks)
-    assert json.load(open(os.path.join(data.prepare(str(corpus), cache_dir=str(tmp_path / "cache")), "meta.json")))["documents"] == 300
-
-
-def test_two_runs_preparing_the_same_source_side_by_side(tmp_path):
-    """The second waits for the first and reuses its folder (they once shared a temporary folder and broke it)."""
-    corpus = tmp_path / "c.txt"
-    corpus.write_text("\n\n".join(f"document number {i} " * 50 for i in range(2000)))
-    code = f"import data; print(data.prepare({str(corpus)!r}, cache_dir={str(tmp_path / 'cache')!r}))"
-    runs = [subprocess.Popen([sys.executable, "-c", code], cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-            for _ in range(2)]
-    outs = [run.communicate(timeout=300) for run in runs]
-    assert [run.returncode for run in runs] == [0, 0], outs
-    folder = outs[0][0].strip().splitlines()[-1]
-    meta = json.load(open(os.path.join(folder, "meta.json")))
-    assert outs[1][0].strip().splitlines()[-1] == folder and meta["documents"] == 2000
-    assert os.path.getsize(os.path.join(folder, "train.bin")) == 2 * meta["train_tokens"]
-
-
-def test_truncated_token_file_and_tiny_corpus_are_refused(cache, tmp_path):
-    small = tmp_path / "small.txt"
-    small.write_text("\n\n".join(["a few words"] * 3 + ["more words here " * 10]))
-    code, err = run_cli(*train_cmd(tmp_path / "o", str(tmp_path / "cache"), "--data", small, "--steps", 2))
-    assert code != 0 and one_line_error(err, "--batch_size"), err
-    folder = data.prepare(CORPUS, cache_dir=str(tmp_path / "cache2"))
-    with open(os.path.join(folder, "train.bin"), "r+b") as f:
-        f.truncate(1000)  # as if killed mid-write
-    code, err = run_cli(*train_cmd(tmp_path / "o", str(tmp_path / "cache2"), "--steps", 2))
-    assert code != 0 and one_line_error(err, "truncated", folder), err
-
-
-# ------------------------------------------------------------------------------------------------
-# bench.py (no timing assertions: speed is bench.py's output, not a test's)
-
-def test_bench_smoke():
-    rows = bench.benchmark(bench.parse_args(["--sizes", "tiny", "--seq_lens", "32", "--batch_size", "2",
-                                             "--steps", "2", "--warmup", "1"]))
-    assert [r["mode"] for r in rows] == ["full", "drop", "sctd_step", "sctd_hybrid"]
-    fields = {"size", "seq_len", "batch_size", "keep", "mode", "ms_per_step", "spread", "tokens_per_s", "speedup",
-              "flops_speedup", "tflops", "mfu", "step_gb"}  # mfu, step_gb: None on CPU
-    for r in rows:
-        assert set(r) == fields and r["ms_per_step"] > 0 and r["tokens_per_s"] > 0 and r["tflops"] > 0
-    full, drop, sctd, hybrid = rows
-    assert full["speedup"] == full["flops_speedup"] == 1
-    assert drop["flops_speedup"] > 1 > sctd["flops_speedup"]  # a ScTD step adds a full pass to the dropped one
-    assert drop["flops_speedup"] > hybrid["flops_speedup"] > sctd["flops_speedup"]
-    code, err = run_cli("bench.py", "--keep", "1.5")
-    assert code != 0 and one_line_error(err, "--keep"), err
-
-
-def fake_run(folder, mode, evals):
-    """A finished run as bench.py --runs reads it: the checkpoint's config and log.jsonl's evaluations."""
-    folder.mkdir()
-    torch.save(dict(config=dict(mode=mode, router="loss", seed=1337, time_budget=0.5)), folder / "ckpt.pt")
-    with open(folder / "log.jsonl", "w") as f:
-        for step, seconds, val_loss in evals:
-            f.write(json.dumps(dict(step=step, loss=7.0, train_time=seconds, tokens=(step + 1) * 100, val_loss=val_loss,
-                                    val_order_gap=1.0)) + "\n")
-
-
-def test_bench_times_runs_to_a_target_loss(tmp_path, capsys):
-    fake_run(tmp_path / "full", "full", [(9, 10, 6.0), (19, 20, 5.0), (29, 30, 4.0)])
-    # a run that logged step 39 but crashed before saving, resumed from step 15: the resumed records replace all from there
-    fake_run(tmp_path / "drop", "drop", [(9, 10, 5.5), (19, 20, 9.9), (29, 30, 3.9), (39, 40, 3.0), (19, 20, 4.5),
-                                         (29, 30, 4.2)])
-    runs = [str(tmp_path / "full"), str(tmp_path / "drop")]
-    # default target: the highest best loss, 4.2; full reaches it at 20 + 10 * 0.8 s, drop at 30 s
-    full, drop = bench.compare_runs(bench.parse_args(["--runs", *runs]))
-    assert full["target_min"] * 60 == pytest.approx(28) and drop["target_min"] * 60 == pytest.approx(30)
-    assert drop["saving"] == pytest.approx(1 - 30 / 28) and full["saving"] is None
-    assert (drop["steps"], drop["tokens_M"], drop["steps_per_s"], drop["val_loss"]) == (30, 3e-3, 1.0, 4.2)
-    full, drop = bench.compare_runs(bench.parse_args(["--runs", *runs, "--target_loss", "5.0"]))
-    assert full["target_min"] * 60 == pytest.approx(20) and drop["target_min"] * 60 == pytest.approx(15)
-    assert drop["saving"] == pytest.approx(0.25)
-    _, drop = bench.compare_runs(bench.parse_args(["--runs", *runs, "--target_loss", "4.1"]))
-    assert drop["target_min"] is None and "| - | - |" in capsys.readouterr().out  # never reached: a dash
-    # fine-tuning scores saved beside a run (finetune.py --json) become columns: each task's first metric, its median
-    ft_runs = [dict(lr=1e-4, seed=s, scores=dict(f1=f, acc=a)) for s, f, a in [(0, 80, 70), (1, 90, 60), (2, 50, 50)]]
-    with open(tmp_path / "drop" / "finetune-a.json", "w") as f:
-        json.dump(dict(init="drop", config={}, results=dict(mrpc=finetune.summarize(ft_runs))), f)
-    full, drop = bench.compare_runs(bench.parse_args(["--runs", *runs]))
-    assert drop["mrpc f1"] == 80 and full["mrpc f1"] is None and "| mrpc f1 |" in capsys.readouterr().out
-    # another file's seeds are pooled with them; its run of seed 2 replaces the first file's
-    more = [dict(lr=1e-4, seed=s, scores=dict(f1=f, acc=a)) for s, f, a in [(2, 95, 50), (3, 96, 50)]]
-    with open(tmp_path / "drop" / "finetune-b.json", "w") as f:
-        json.dump(dict(init="drop", config={}, results=dict(mrpc=finetune.summarize(more))), f)
-    _, drop = bench.compare_runs(bench.parse_args(["--runs", *runs]))
-    assert drop["mrpc f1"] == np.median([80, 90, 95, 96])
-    code, err = run_cli("bench.py", "--runs", str(tmp_path))
-    assert code != 0 and one_line_error(err, "--runs"), err
-    pytest.importorskip("matplotlib")
-    bench.compare_runs(bench.parse_args(["--runs", *runs, "--plot", str(tmp_path / "curves.png")]))
-    assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-
-
-# ------------------------------------------------------------------------------------------------
-# Fine-tuning: metrics against hand-computed values
-
-def test_binary_metrics_hand_computed():
-    pred = np.array([1, 1, 1, 0, 0, 1, 0, 0])
-    gold = np.array([1, 1, 0, 0, 1, 0, 0, 0])  # TP 2, FP 2, FN 1, TN 3
-    assert finetune.accuracy(pred, gold) == pytest.approx(100 * 5 / 8)
-    assert finetune.f1(pred, gold) == pytest.approx(100 * 4 / 7)  # 2TP / (2TP + FP + FN)
-    assert finetune.mcc(pred, gold) == pytest.approx(100 * (2 * 3 - 2 * 1) / np.sqrt(4 * 3 * 5 * 4))
-    assert finetune.mcc(np.ones(8), gold) == 0.0  # one class predicted: no correlation, not NaN
-    assert finetune.mcc(gold, gold) == pytest.approx(100.0) and finetune.mcc(1 - gold, gold) == pytest.approx(-100.0)
-
-
-def test_macro_f1_hand_computed():
-    pred, gold = np.array([0, 1, 2, 2, 0]), np.array([0, 1, 1, 2, 2])
-    # per class F1: 0: 2/3 (TP 1, FP 1); 1: 2/3 (TP 1, FN 1); 2: 1/2 (TP 1, FP 1, FN 1)
-    assert finetune.macro_f1(pred, gold) == pytest.approx(100 * (2 / 3 + 2 / 3 + 1 / 2) / 3)
-
-
-def test_correlations_hand_computed():
-    x, y = np.array([1.0, 2, 3, 4]), np.array([2.0, 4, 5, 9])
-    assert finetune.pearson(x, y) == pytest.approx(100 * 11 / np.sqrt(5 * 26))
-    assert finetune.pearson(x, np.full(4, 3.0)) == 0.0  # a constant prediction, not NaN
-    assert finetune.ranks(np.array([10, 20, 20, 30])).tolist() == [1, 2.5, 2.5, 4]  # ties share their mean rank
-    # ranks [1, 2.5, 2.5, 4] vs [1, 3, 2, 4]: r = 4.5 / sqrt(4.5 * 5)
-    assert finetune.spearman(np.array([10, 20, 20, 30]), np.array([1, 3, 2, 4])) == pytest.approx(100 * 4.5 / np.sqrt(22.5))
-    assert finetune.spearman(np.array([1, 2, 3]), np.array([1, 10, 100])) == pytest.approx(100.0)  # monotone
-
-
-def test_summary_keeps_the_lr_with_the_best_median():
-    runs = [dict(lr=1e-4, seed=s, scores=dict(f1=f, acc=a)) for s, f, a in [(0, 80, 70), (1, 90, 60), (2, 50, 50)]]
-    runs += [dict(lr=5e-5, seed=s, scores=dict(f1=f, acc=a)) for s, f, a in [(0, 78, 70), (1, 76, 70), (2, 10, 10)]]
-    r = finetune.summarize(runs)  # median of the mean score: 1e-4 -> 75, 5e-5 -> 73
-    assert r["lr"] == 1e-4 and r["seeds"] == 3
-    assert r["median"] == dict(f1=80, acc=60) and r["spread"] == dict(f1=[50, 90], acc=[50, 70])
-
-
-# ------------------------------------------------------------------------------------------------
-# Readers: the shared files parse into the counts of SOURCES.md and the right label sets
-
-BINARY, NLI3 = {0, 1}, {0, 1, 2}
-READERS = [  # task, split, rows, labels, texts per pair (1: single sentence, 2: a pair)
-    ("cola", "train", 8551, BINARY, 1), ("cola", "dev", 1043, BINARY, 1),
-    ("sst2", "train", 67349, BINARY, 1), ("sst2", "dev", 872, BINARY, 1),
-    ("mrpc", "train", 3668, BINARY, 2), ("mrpc", "dev", 408, BINARY, 2),
-    ("stsb", "train", 5749, None, 2), ("stsb", "dev", 1500, None, 2),
-    ("qnli", "dev", 5463, BINARY, 2),
-    ("rte", "train", 2490, BINARY, 2), ("rte", "dev", 277, BINARY, 2),
-    ("wnli", "train", 635, BINARY, 2), ("wnli", "dev", 71, BINARY, 2),
-    ("boolq", "dev", 3270, BINARY, 2),
-    ("cb", "train", 250, NLI3, 2), ("cb", "dev", 56, NLI3, 2),
-    ("copa", "train", 400, BINARY, 2), ("copa", "dev", 100, BINARY, 2),
-    ("wic", "train", 5428, BINARY, 2), ("wic", "dev", 638, BINARY, 2),
-    ("sg_rte", "train", 2490, BINARY, 2), ("sg_rte", "dev", 277, BINARY, 2),
-]
-
-
-@pytest.mark.parametrize("name,split,rows,labels,texts", READERS)
-def test_reader_counts_and_labels(name, split, rows, labels, texts):
-    task = finetune.TASKS[name]
-    examples = finetune.read_split(task, SHARED, split)
-    assert len(examples) == rows
-    assert all(len(pairs) == task.choices for pairs, _ in examples)
-    assert all(isinstance(a, str) and (b is None) == (texts == 1) for pairs, _ in examples for a, b in pairs)
-    gold = [label for _, label in examples]
-    if labels is None:  # STS-B: similarity scores from 0 to 5
-        assert min(gold) == 0.0 and max(gold) == 5.0 and len(set(gold)) > 50
-    else:
-        assert set(gold) == labels
-
-
-def test_reader_finds_tasks_from_either_folder():
-    glue, superglue = os.path.join(SHARED, "glue"), os.path.join(SHARED, "superglue")
-    assert len(finetune.read_split(finetune.TASKS["rte"], glue, "dev")) == 277
-    assert len(finetune.read_split(finetune.TASKS["sg_rte"], superglue, "dev")) == 277
-    with pytest.raises(ValueError, match="--data_dir .* no RTE/dev.tsv"):  # GLUE RTE is not in superglue/
-        finetune.read_split(finetune.TASKS["rte"], superglue, "dev")
-
-
-def test_a_file_of_another_format_fails_in_words(tmp_path):
-    (tmp_path / "SST-2").mkdir()
-    (tmp_path / "SST-2" / "dev.tsv").write_text("sentence\tlabel\na fine film\tpositive\n")
-    with pytest.raises(ValueError, match="row 1 is not sst2 data"):
-        finetune.read_split(finetune.TASKS["sst2"], str(tmp_path), "dev")
-
-
-@pytest.mark.parametrize("name", ["qnli", "qqp", "mnli", "boolq"])
-def test_missing_split_fails_in_words(name):
-    with pytest.raises(ValueError, match="--data_dir"):
-        finetune.read_task(finetune.TASKS[name], SHARED, None)
-
-
-def test_task_lists():
-    assert finetune.task_names("glue") == ["cola", "sst2", "mrpc", "stsb", "qqp", "mnli", "qnli", "rte", "wnli"]
-    assert finetune.task_names("superglue") == ["boolq", "cb", "copa", "wic", "sg_rte"]
-    assert finetune.task_names("sst2, SuperGLUE,cb") == ["sst2", "boolq", "cb", "copa", "wic", "sg_rte"]
-
-
-# ------------------------------------------------------------------------------------------------
-# Inputs: [CLS] a [SEP] b [SEP], token types, truncation, dynamic padding
-
-def test_pair_encoding_truncates_the_longer_text():
-    enc = data.get_encoding()
-    a, b = " one two three four five six", " seven eight"
-    ids, types = finetune.encode_pair(enc, a, b, max_len=8)  # room for 5 text tokens: a loses 3
-    A, B = enc.encode_ordinary(a), enc.encode_ordinary(b)
-    assert ids == [data.CLS] + A[:3] + [data.SEP] + B + [data.SEP]
-    assert types == [0] * 5 + [1] * 3
-    ids, types = finetune.encode_pair(enc, a, None, max_len=5)
-    assert ids == [data.CLS] + A[:3] + [data.SEP] and types == [0] * 5
-
-
-def test_collate_pads_to_the_longest_row():
-    examples = [([([1, 2, 3], [0, 0, 0]), ([4, 5], [0, 1])], 1), ([([6], [0]), ([7, 8, 9, 10], [0, 0, 1, 1])], 0)]
-    ids, types, mask, labels = finetune.collate(examples, "cpu")
-    assert ids.shape == types.shape == mask.shape == (4, 4)  # B * choices rows, T = the longest
-    assert ids[1].tolist() == [4, 5, data.PAD, data.PAD] and types[3].tolist() == [0, 0, 1, 1]
-    assert mask.sum(1).tolist() == [3, 2, 1, 4] and labels.tolist() == [1, 0]
-
-
-@pytest.mark.parametrize("pool", ["cls", "mean"])
-def test_padding_does_not_change_the_prediction(pool):
-    model = finetune.Classifier(tiny_model(), n_out=3, pool=pool).eval()
-    short, long = [data.CLS, 10, 11, data.SEP], [data.CLS, *range(20, 30), data.SEP]
-    examples = [([(short, [0] * 4)], 0), ([(long, [0] * 6 + [1] * 6)], 1)]
-    padded = model(*finetune.collate(examples, "cpu")[:3])[0]  # the short row padded to 12 tokens
-    alone = model(*finetune.collate(examples[:1], "cpu")[:3])[0]
-    assert torch.allclose(padded, alone, atol=1e-5)
-    h = model.bert.encode(torch.tensor([short]))[1][0]
-    assert torch.allclose(alone, model.head(h[0] if pool == "cls" else h.mean(0)), atol=1e-5)
-
-
-def test_a_probe_trains_the_head_alone_on_fixed_features(tiny_ckpt):
-    args = finetune.parse_args(["--task", "stsb", "--ckpt", tiny_ckpt, "--probe", "--max_len", "32"])
-    args.device, args.dtype = "cpu", "fp32"
-    init, task = finetune.load_init(args), finetune.TASKS["stsb"]
-    rows = finetune.read_task(task, SHARED, 64)
-    examples = {split: finetune.tokenize(data.get_encoding(), r[:64], 32) for split, r in rows.items()}
-    made = []
-
-    class Kept(finetune.Classifier):  # keeps the model finetune() builds, and the head it starts from
-        def __init__(self, *a, **kw):
-            super().__init__(*a, **kw)
-            made.append((self, self.head.weight.detach().clone()))
-
-    with mock.patch.object(finetune, "Classifier", Kept):
-        finetune.finetune(task, examples, init, args, lr=1e-2, seed=0)
-    model, head_at_start = made[0]
-    model.train()
-    assert not model.bert.training and model.head.training  # no dropout in the features, even in training mode
-    assert all(torch.equal(v, init.state[k]) for k, v in model.bert.state_dict().items())
-    assert not torch.equal(model.head.weight, head_at_start)
-
-
-def test_training_batches_cover_every_example_once_with_similar_lengths():
-    lengths = np.random.default_rng(0).integers(3, 128, 5000)
-    examples = [([([0] * n, [0] * n)], 0) for n in lengths]
-    batches = finetune.length_batches(examples, 32, np.random.default_rng(1))
-    assert sorted(np.concatenate(batches).tolist()) == list(range(5000)) and len(batches) == 157
-    padded = sum(len(b) * lengths[b].max() for b in batches)
-    assert padded < 1.1 * lengths.sum()  # random batches would pad to ~1.9x
-    longest = [lengths[b].max() for b in batches]
-    assert longest != sorted(longest)  # the batches come in random order, not short to long
-
-
-# ------------------------------------------------------------------------------------------------
-# End to end: a tiny checkpoint fine-tunes on a single-sentence and a pair task
-
-@pytest.fixture(scope="module")
-def tiny_ckpt(tmp_path_factory):
-    """A checkpoint in train.py's format, of an untrained tiny BERT."""
-    path = tmp_path_factory.mktemp("ckpt") / "ckpt.pt"
-    cfg = BertConfig(**SIZES["tiny"])
-    torch.manual_seed(0)
-    torch.save(dict(model=Bert(cfg).state_dict(), model_config=asdict(cfg), config=dict(size="tiny", mode="drop"),
-                    step=7), path)
-    return str(path)
-
-
-def test_finetune_end_to_end(tiny_ckpt, tmp_path):
-    out = tmp_path / "scores.json"
-    argv = ["--ckpt", tiny_ckpt, "--task", "sst2,rte", "--data_dir", SHARED, "--max_train", "32", "--epochs", "1",
-            "--batch_size", "16", "--max_len", "64", "--lr", "1e-4,1e-3", "--json", str(out)]
-    # in a fresh process: fine-tuning from local files must not even import `datasets`
-    code = f"import sys, finetune; finetune.main({argv!r}); assert 'datasets' not in sys.modules"
-    p = subprocess.run([sys.executable, "-c", code], cwd=HERE, capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0, p.stderr
-    assert "| sst2 | acc |" in p.stdout and "| rte | acc |" in p.stdout
-    results = json.loads(out.read_text())
-    assert "step 7" in results["init"]
-    for name in ("sst2", "rte"):
-        r = results["results"][name]
-        assert r["lr"] in (1e-4, 1e-3) and len(r["runs"]) == 2 and 0 <= r["median"]["acc"] <= 100
-
-
-def test_finetune_bf16_autocast(tiny_ckpt, tmp_path):
-    """--dtype bf16 (CPUs run it too) trains and scores; a regression task's predictions must leave bf16 for numpy."""
-    out = tmp_path / "scores.json"
-    finetune.main(["--ckpt", tiny_ckpt, "--task", "stsb", "--data_dir", SHARED, "--max_train", "32", "--epochs", "1",
-                   "--batch_size", "16", "--max_len", "64", "--lr", "1e-4", "--dtype", "bf16", "--json", str(out)])
-    results = json.loads(out.read_text())
-    assert results["config"]["dtype"] == "bf16"
-    assert all(-100 <= v <= 100 for v in results["results"]["stsb"]["median"].values())
-
-
-def test_finetune_saves_the_encoder_for_another_finetuning(tiny_ckpt, tmp_path):
-    """--save_dir writes each run's fine-tuned encoder, and --ckpt starts from it (an intermediate task first)."""
-    finetune.main(["--ckpt", tiny_ckpt, "--task", "stsb", "--data_dir", SHARED, "--max_train", "32", "--epochs", "1",
-                   "--batch_size", "16", "--max_len", "64", "--lr", "1e-3", "--seeds", "3", "--save_dir", str(tmp_path)])
-    pretrained = finetune.load_init(finetune.parse_args(["--task", "rte", "--ckpt", tiny_ckpt]))
-    tuned = finetune.load_init(finetune.parse_args(["--task", "rte", "--ckpt", str(tmp_path / "stsb_lr0.001_seed3.pt")]))
-    assert "fine-tuned on stsb lr 0.001 seed 3" in tuned.source and tiny_ckpt in tuned.source
-    assert tuned.model_config == pretrained.model_config and tuned.state.keys() == pretrained.state.keys()
-    moved = [k for k in pretrained.state if not torch.equal(tuned.state[k], pretrained.state[k])]
-    assert len(moved) > len(pretrained.state) // 2  # the weights after fine-tuning, not the ones it started from
-
-
-def test_random_init_keeps_the_architecture_not_the_weights(tiny_ckpt):
-    args = finetune.parse_args(["--task", "sst2", "--ckpt", tiny_ckpt])
-    trained = finetune.load_init(args)
-    assert trained.model_config["n_embd"] == 128 and trained.state is not None
-    args = finetune.parse_args(["--task", "sst2", "--ckpt", tiny_ckpt, "--init", "random"])
-    random = finetune.load_init(args)
-    assert random.model_config == trained.model_config and random.state is None
-
-
-# ------------------------------------------------------------------------------------------------
-# Bad input: one line, naming the flag, non-zero exit
-
-@pytest.fixture(scope="module")
-def bad_ckpts(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("bad")
-    (folder / "text.pt").write_text("not a checkpoint")
-    torch.save({"weights": torch.zeros(2)}, folder / "foreign.pt")
-    cfg = BertConfig(**dict(SIZES["tiny"], n_layer=1), vocab_size=1024)
-    torch.save(dict(model=Bert(cfg).state_dict(), model_config=asdict(cfg)), folder / "vocab.pt")
-    return folder
-
-
-BAD_INPUT = [
-    (["--task", "sst3"], "--task"),
-    (["--task", "sst2", "--init", "random", "--data_dir", "/no/such/folder"], "--data_dir"),
-    (["--task", "qnli", "--init", "random"], "--data_dir"),  # QNLI's train split is not in the shared data
-    (["--task", "sst2", "--ckpt", "/no/such/ckpt.pt"], "--ckpt"),
-    (["--task", "sst2", "--ckpt", "{bad}/text.pt"], "--ckpt"),
-    (["--task", "sst2", "--ckpt", "{bad}/foreign.pt"], "--ckpt"),
-    (["--task", "sst2", "--ckpt", "{bad}/vocab.pt"], "vocabulary"),
-    (["--task", "sst2", "--init", "random", "--max_len", "1024"], "--max_len"),
-    (["--task", "sst2", "--init", "random", "--lr", "fast"], "--lr"),
-    (["--task", "sst2", "--init", "random", "--dropout", "1.5"], "--dropout"),
-    (["--task", "sst2", "--init", "random", "--size", "huge"], "--size"),
-    (["--task", "sst2", "--init", "random", "--save_dir", "{bad}/text.pt"], "--save_dir"),
-]
-
-
-@pytest.mark.parametrize("args,flag", BAD_INPUT)
-def test_bad_finetune_input(args, flag, bad_ckpts, capsys):
-    args = [a.format(bad=bad_ckpts) for a in args]
-    with pytest.raises(SystemExit) as e:
-        finetune.main(["--data_dir", SHARED, *args])
-    err = str(e.value.code) if isinstance(e.value.code, str) else capsys.readouterr().err
-    assert e.value.code != 0 and one_line_error(err, flag), err
-
-
-# ------------------------------------------------------------------------------------------------
-# transformers interop (a test requirement: pip install -r requirements-test.txt)
+# model.py, data.py, train.py: transformers interop (a test requirement: pip install -r requirements-test.txt)
 
 def corpus_texts(n):
     """The first n paragraphs of the corpus, as they stand."""
@@ -1114,6 +757,384 @@ def test_continued_pretraining_and_finetuning_start_from_an_export(cache, tmp_pa
     assert all(torch.equal(init.state[k], a[k]) for k in a)
 
 
+def test_a_variant_without_a_transformers_class_is_refused():
+    pytest.importorskip("transformers")
+    with pytest.raises(ValueError, match="no transformers class"):
+        to_transformers(tiny_model(position="rotary", norm="pre"), pad_token_id=data.PAD)
+    with pytest.raises(ValueError, match="no transformers class"):
+        to_transformers(tiny_model(position="alibi"), pad_token_id=data.PAD)
+
+
+# ------------------------------------------------------------------------------------------------
+# finetune.py: metrics against hand-computed values
+
+def test_binary_metrics_hand_computed():
+    pred = np.array([1, 1, 1, 0, 0, 1, 0, 0])
+    gold = np.array([1, 1, 0, 0, 1, 0, 0, 0])  # TP 2, FP 2, FN 1, TN 3
+    assert finetune.accuracy(pred, gold) == pytest.approx(100 * 5 / 8)
+    assert finetune.f1(pred, gold) == pytest.approx(100 * 4 / 7)  # 2TP / (2TP + FP + FN)
+    assert finetune.mcc(pred, gold) == pytest.approx(100 * (2 * 3 - 2 * 1) / np.sqrt(4 * 3 * 5 * 4))
+    assert finetune.mcc(np.ones(8), gold) == 0.0  # one class predicted: no correlation, not NaN
+    assert finetune.mcc(gold, gold) == pytest.approx(100.0) and finetune.mcc(1 - gold, gold) == pytest.approx(-100.0)
+
+
+def test_macro_f1_hand_computed():
+    pred, gold = np.array([0, 1, 2, 2, 0]), np.array([0, 1, 1, 2, 2])
+    # per class F1: 0: 2/3 (TP 1, FP 1); 1: 2/3 (TP 1, FN 1); 2: 1/2 (TP 1, FP 1, FN 1)
+    assert finetune.macro_f1(pred, gold) == pytest.approx(100 * (2 / 3 + 2 / 3 + 1 / 2) / 3)
+
+
+def test_correlations_hand_computed():
+    x, y = np.array([1.0, 2, 3, 4]), np.array([2.0, 4, 5, 9])
+    assert finetune.pearson(x, y) == pytest.approx(100 * 11 / np.sqrt(5 * 26))
+    assert finetune.pearson(x, np.full(4, 3.0)) == 0.0  # a constant prediction, not NaN
+    assert finetune.ranks(np.array([10, 20, 20, 30])).tolist() == [1, 2.5, 2.5, 4]  # ties share their mean rank
+    # ranks [1, 2.5, 2.5, 4] vs [1, 3, 2, 4]: r = 4.5 / sqrt(4.5 * 5)
+    assert finetune.spearman(np.array([10, 20, 20, 30]), np.array([1, 3, 2, 4])) == pytest.approx(100 * 4.5 / np.sqrt(22.5))
+    assert finetune.spearman(np.array([1, 2, 3]), np.array([1, 10, 100])) == pytest.approx(100.0)  # monotone
+
+
+def test_summary_keeps_the_lr_with_the_best_median():
+    runs = [dict(lr=1e-4, seed=s, scores=dict(f1=f, acc=a)) for s, f, a in [(0, 80, 70), (1, 90, 60), (2, 50, 50)]]
+    runs += [dict(lr=5e-5, seed=s, scores=dict(f1=f, acc=a)) for s, f, a in [(0, 78, 70), (1, 76, 70), (2, 10, 10)]]
+    r = finetune.summarize(runs)  # median of the mean score: 1e-4 -> 75, 5e-5 -> 73
+    assert r["lr"] == 1e-4 and r["seeds"] == 3
+    assert r["median"] == dict(f1=80, acc=60) and r["spread"] == dict(f1=[50, 90], acc=[50, 70])
+
+
+# ------------------------------------------------------------------------------------------------
+# finetune.py: the readers, on the fixtures (each the first rows of the original file)
+
+BINARY, NLI3 = {0, 1}, {0, 1, 2}
+
+
+READERS = [  # task, split, rows, labels, texts per pair (1: single sentence, 2: a pair)
+    ("cola", "train", 40, BINARY, 1), ("cola", "dev", 20, BINARY, 1),
+    ("sst2", "train", 40, BINARY, 1), ("sst2", "dev", 20, BINARY, 1),
+    ("mrpc", "train", 40, BINARY, 2), ("mrpc", "dev", 20, BINARY, 2),
+    ("stsb", "train", 40, None, 2), ("stsb", "dev", 20, None, 2),
+    ("qnli", "dev", 20, BINARY, 2),
+    ("rte", "train", 40, BINARY, 2), ("rte", "dev", 20, BINARY, 2),
+    ("wnli", "train", 40, BINARY, 2), ("wnli", "dev", 20, BINARY, 2),
+    ("boolq", "dev", 20, BINARY, 2),
+    ("cb", "train", 40, NLI3, 2), ("cb", "dev", 20, NLI3, 2),
+    ("copa", "train", 40, BINARY, 2), ("copa", "dev", 20, BINARY, 2),
+    ("wic", "train", 40, BINARY, 2), ("wic", "dev", 20, BINARY, 2),
+    ("sg_rte", "train", 40, BINARY, 2), ("sg_rte", "dev", 20, BINARY, 2),
+]
+
+
+@pytest.mark.parametrize("name,split,rows,labels,texts", READERS)
+def test_reader_counts_and_labels(name, split, rows, labels, texts):
+    task = finetune.TASKS[name]
+    examples = finetune.read_split(task, TESTDATA, split)
+    assert len(examples) == rows
+    assert all(len(pairs) == task.choices for pairs, _ in examples)
+    assert all(isinstance(a, str) and (b is None) == (texts == 1) for pairs, _ in examples for a, b in pairs)
+    gold = [label for _, label in examples]
+    if labels is None:  # STS-B: similarity scores from 0 to 5
+        assert all(isinstance(g, float) and 0 <= g <= 5 for g in gold) and max(gold) == 5.0 and len(set(gold)) > 10
+    else:
+        assert set(gold) == labels
+
+
+def test_reader_finds_tasks_from_either_folder():
+    glue, superglue = os.path.join(TESTDATA, "glue"), os.path.join(TESTDATA, "superglue")
+    assert len(finetune.read_split(finetune.TASKS["rte"], glue, "dev")) == 20
+    assert len(finetune.read_split(finetune.TASKS["sg_rte"], superglue, "dev")) == 20
+    with pytest.raises(ValueError, match="--data_dir .* no RTE/dev.tsv"):  # GLUE RTE is not in superglue/
+        finetune.read_split(finetune.TASKS["rte"], superglue, "dev")
+
+
+def test_a_file_of_another_format_fails_in_words(tmp_path):
+    (tmp_path / "SST-2").mkdir()
+    (tmp_path / "SST-2" / "dev.tsv").write_text("sentence\tlabel\na fine film\tpositive\n")
+    with pytest.raises(ValueError, match="row 1 is not sst2 data"):
+        finetune.read_split(finetune.TASKS["sst2"], str(tmp_path), "dev")
+
+
+@pytest.mark.parametrize("name", ["qnli", "qqp", "mnli", "boolq"])
+def test_missing_split_fails_in_words(name):
+    with pytest.raises(ValueError, match="--data_dir"):
+        finetune.read_task(finetune.TASKS[name], TESTDATA, None)
+
+
+def test_task_lists():
+    assert finetune.task_names("glue") == ["cola", "sst2", "mrpc", "stsb", "qqp", "mnli", "qnli", "rte", "wnli"]
+    assert finetune.task_names("superglue") == ["boolq", "cb", "copa", "wic", "sg_rte"]
+    assert finetune.task_names("sst2, SuperGLUE,cb") == ["sst2", "boolq", "cb", "copa", "wic", "sg_rte"]
+
+
+# ------------------------------------------------------------------------------------------------
+# finetune.py: inputs ([CLS] a [SEP] b [SEP], token types, truncation, padding) and end to end
+
+def test_pair_encoding_truncates_the_longer_text():
+    enc = data.get_encoding()
+    a, b = " one two three four five six", " seven eight"
+    ids, types = finetune.encode_pair(enc, a, b, max_len=8)  # room for 5 text tokens: a loses 3
+    A, B = enc.encode_ordinary(a), enc.encode_ordinary(b)
+    assert ids == [data.CLS] + A[:3] + [data.SEP] + B + [data.SEP]
+    assert types == [0] * 5 + [1] * 3
+    ids, types = finetune.encode_pair(enc, a, None, max_len=5)
+    assert ids == [data.CLS] + A[:3] + [data.SEP] and types == [0] * 5
+
+
+def test_collate_pads_to_the_longest_row():
+    examples = [([([1, 2, 3], [0, 0, 0]), ([4, 5], [0, 1])], 1), ([([6], [0]), ([7, 8, 9, 10], [0, 0, 1, 1])], 0)]
+    ids, types, mask, labels = finetune.collate(examples, "cpu")
+    assert ids.shape == types.shape == mask.shape == (4, 4)  # B * choices rows, T = the longest
+    assert ids[1].tolist() == [4, 5, data.PAD, data.PAD] and types[3].tolist() == [0, 0, 1, 1]
+    assert mask.sum(1).tolist() == [3, 2, 1, 4] and labels.tolist() == [1, 0]
+
+
+@pytest.mark.parametrize("pool", ["cls", "mean"])
+def test_padding_does_not_change_the_prediction(pool):
+    model = finetune.Classifier(tiny_model(), n_out=3, pool=pool).eval()
+    short, long = [data.CLS, 10, 11, data.SEP], [data.CLS, *range(20, 30), data.SEP]
+    examples = [([(short, [0] * 4)], 0), ([(long, [0] * 6 + [1] * 6)], 1)]
+    padded = model(*finetune.collate(examples, "cpu")[:3])[0]  # the short row padded to 12 tokens
+    alone = model(*finetune.collate(examples[:1], "cpu")[:3])[0]
+    assert torch.allclose(padded, alone, atol=1e-5)
+    h = model.bert.encode(torch.tensor([short]))[1][0]
+    assert torch.allclose(alone, model.head(h[0] if pool == "cls" else h.mean(0)), atol=1e-5)
+
+
+def test_training_batches_cover_every_example_once_with_similar_lengths():
+    lengths = np.random.default_rng(0).integers(3, 128, 5000)
+    examples = [([([0] * n, [0] * n)], 0) for n in lengths]
+    batches = finetune.length_batches(examples, 32, np.random.default_rng(1))
+    assert sorted(np.concatenate(batches).tolist()) == list(range(5000)) and len(batches) == 157
+    padded = sum(len(b) * lengths[b].max() for b in batches)
+    assert padded < 1.1 * lengths.sum()  # random batches would pad to ~1.9x
+    longest = [lengths[b].max() for b in batches]
+    assert longest != sorted(longest)  # the batches come in random order, not short to long
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory):
+    """A checkpoint in train.py's format, of an untrained tiny BERT."""
+    path = tmp_path_factory.mktemp("ckpt") / "ckpt.pt"
+    cfg = BertConfig(**SIZES["tiny"])
+    torch.manual_seed(0)
+    torch.save(dict(model=Bert(cfg).state_dict(), model_config=asdict(cfg), config=dict(size="tiny", mode="drop"),
+                    step=7), path)
+    return str(path)
+
+
+def test_a_probe_trains_the_head_alone_on_fixed_features(tiny_ckpt):
+    args = finetune.parse_args(["--task", "stsb", "--ckpt", tiny_ckpt, "--probe", "--max_len", "32"])
+    args.device, args.dtype = "cpu", "fp32"
+    init, task = finetune.load_init(args), finetune.TASKS["stsb"]
+    rows = finetune.read_task(task, TESTDATA, 64)
+    examples = {split: finetune.tokenize(data.get_encoding(), r[:64], 32) for split, r in rows.items()}
+    made = []
+
+    class Kept(finetune.Classifier):  # keeps the model finetune() builds, and the head it starts from
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            made.append((self, self.head.weight.detach().clone()))
+
+    with mock.patch.object(finetune, "Classifier", Kept):
+        finetune.finetune(task, examples, init, args, lr=1e-2, seed=0)
+    model, head_at_start = made[0]
+    model.train()
+    assert not model.bert.training and model.head.training  # no dropout in the features, even in training mode
+    assert all(torch.equal(v, init.state[k]) for k, v in model.bert.state_dict().items())
+    assert not torch.equal(model.head.weight, head_at_start)
+
+
+def test_finetune_end_to_end(tiny_ckpt, tmp_path):
+    out = tmp_path / "scores.json"
+    argv = ["--ckpt", tiny_ckpt, "--task", "sst2,rte", "--data_dir", TESTDATA, "--max_train", "32", "--epochs", "1",
+            "--batch_size", "16", "--max_len", "64", "--lr", "1e-4,1e-3", "--json", str(out)]
+    # in a fresh process: fine-tuning from local files must not even import `datasets`
+    code = f"import sys, finetune; finetune.main({argv!r}); assert 'datasets' not in sys.modules"
+    p = subprocess.run([sys.executable, "-c", code], cwd=HERE, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    assert "| sst2 | acc |" in p.stdout and "| rte | acc |" in p.stdout
+    results = json.loads(out.read_text())
+    assert "step 7" in results["init"]
+    for name in ("sst2", "rte"):
+        r = results["results"][name]
+        assert r["lr"] in (1e-4, 1e-3) and len(r["runs"]) == 2 and 0 <= r["median"]["acc"] <= 100
+
+
+def test_finetune_bf16_autocast(tiny_ckpt, tmp_path):
+    """--dtype bf16 (CPUs run it too) trains and scores; a regression task's predictions must leave bf16 for numpy."""
+    out = tmp_path / "scores.json"
+    finetune.main(["--ckpt", tiny_ckpt, "--task", "stsb", "--data_dir", TESTDATA, "--max_train", "32", "--epochs", "1",
+                   "--batch_size", "16", "--max_len", "64", "--lr", "1e-4", "--dtype", "bf16", "--json", str(out)])
+    results = json.loads(out.read_text())
+    assert results["config"]["dtype"] == "bf16"
+    assert all(-100 <= v <= 100 for v in results["results"]["stsb"]["median"].values())
+
+
+def test_finetune_saves_the_encoder_for_another_finetuning(tiny_ckpt, tmp_path):
+    """--save_dir writes each run's fine-tuned encoder, and --ckpt starts from it (an intermediate task first)."""
+    finetune.main(["--ckpt", tiny_ckpt, "--task", "stsb", "--data_dir", TESTDATA, "--max_train", "32", "--epochs", "1",
+                   "--batch_size", "16", "--max_len", "64", "--lr", "1e-3", "--seeds", "3", "--save_dir", str(tmp_path)])
+    pretrained = finetune.load_init(finetune.parse_args(["--task", "rte", "--ckpt", tiny_ckpt]))
+    tuned = finetune.load_init(finetune.parse_args(["--task", "rte", "--ckpt", str(tmp_path / "stsb_lr0.001_seed3.pt")]))
+    assert "fine-tuned on stsb lr 0.001 seed 3" in tuned.source and tiny_ckpt in tuned.source
+    assert tuned.model_config == pretrained.model_config and tuned.state.keys() == pretrained.state.keys()
+    moved = [k for k in pretrained.state if not torch.equal(tuned.state[k], pretrained.state[k])]
+    assert len(moved) > len(pretrained.state) // 2  # the weights after fine-tuning, not the ones it started from
+
+
+def test_random_init_keeps_the_architecture_not_the_weights(tiny_ckpt):
+    args = finetune.parse_args(["--task", "sst2", "--ckpt", tiny_ckpt])
+    trained = finetune.load_init(args)
+    assert trained.model_config["n_embd"] == 128 and trained.state is not None
+    args = finetune.parse_args(["--task", "sst2", "--ckpt", tiny_ckpt, "--init", "random"])
+    random = finetune.load_init(args)
+    assert random.model_config == trained.model_config and random.state is None
+
+
+# ------------------------------------------------------------------------------------------------
+# bench.py (no timing assertions: speed is bench.py's output, not a test's)
+
+def test_bench_smoke():
+    rows = bench.benchmark(bench.parse_args(["--sizes", "tiny", "--seq_lens", "32", "--batch_size", "2",
+                                             "--steps", "2", "--warmup", "1"]))
+    assert [r["mode"] for r in rows] == ["full", "drop", "sctd_step", "sctd_hybrid"]
+    fields = {"size", "seq_len", "batch_size", "keep", "mode", "ms_per_step", "spread", "tokens_per_s", "speedup",
+              "flops_speedup", "tflops", "mfu", "step_gb"}  # mfu, step_gb: None on CPU
+    for r in rows:
+        assert set(r) == fields and r["ms_per_step"] > 0 and r["tokens_per_s"] > 0 and r["tflops"] > 0
+    full, drop, sctd, hybrid = rows
+    assert full["speedup"] == full["flops_speedup"] == 1
+    assert drop["flops_speedup"] > 1 > sctd["flops_speedup"]  # a ScTD step adds a full pass to the dropped one
+    assert drop["flops_speedup"] > hybrid["flops_speedup"] > sctd["flops_speedup"]
+
+
+def fake_run(folder, mode, evals):
+    """A finished run as bench.py --runs reads it: the checkpoint's config and log.jsonl's evaluations."""
+    folder.mkdir()
+    torch.save(dict(config=dict(mode=mode, router="loss", seed=1337, time_budget=0.5)), folder / "ckpt.pt")
+    with open(folder / "log.jsonl", "w") as f:
+        for step, seconds, val_loss in evals:
+            f.write(json.dumps(dict(step=step, loss=7.0, train_time=seconds, tokens=(step + 1) * 100, val_loss=val_loss,
+                                    val_order_gap=1.0)) + "\n")
+
+
+def test_bench_times_runs_to_a_target_loss(tmp_path, capsys):
+    fake_run(tmp_path / "full", "full", [(9, 10, 6.0), (19, 20, 5.0), (29, 30, 4.0)])
+    # a run that logged step 39 but crashed before saving, resumed from step 15: the resumed records replace all from there
+    fake_run(tmp_path / "drop", "drop", [(9, 10, 5.5), (19, 20, 9.9), (29, 30, 3.9), (39, 40, 3.0), (19, 20, 4.5),
+                                         (29, 30, 4.2)])
+    runs = [str(tmp_path / "full"), str(tmp_path / "drop")]
+    # default target: the highest best loss, 4.2; full reaches it at 20 + 10 * 0.8 s, drop at 30 s
+    full, drop = bench.compare_runs(bench.parse_args(["--runs", *runs]))
+    assert full["target_min"] * 60 == pytest.approx(28) and drop["target_min"] * 60 == pytest.approx(30)
+    assert drop["saving"] == pytest.approx(1 - 30 / 28) and full["saving"] is None
+    assert (drop["steps"], drop["tokens_M"], drop["steps_per_s"], drop["val_loss"]) == (30, 3e-3, 1.0, 4.2)
+    full, drop = bench.compare_runs(bench.parse_args(["--runs", *runs, "--target_loss", "5.0"]))
+    assert full["target_min"] * 60 == pytest.approx(20) and drop["target_min"] * 60 == pytest.approx(15)
+    assert drop["saving"] == pytest.approx(0.25)
+    _, drop = bench.compare_runs(bench.parse_args(["--runs", *runs, "--target_loss", "4.1"]))
+    assert drop["target_min"] is None and "| - | - |" in capsys.readouterr().out  # never reached: a dash
+    # fine-tuning scores saved beside a run (finetune.py --json) become columns: each task's first metric, its median
+    ft_runs = [dict(lr=1e-4, seed=s, scores=dict(f1=f, acc=a)) for s, f, a in [(0, 80, 70), (1, 90, 60), (2, 50, 50)]]
+    with open(tmp_path / "drop" / "finetune-a.json", "w") as f:
+        json.dump(dict(init="drop", config={}, results=dict(mrpc=finetune.summarize(ft_runs))), f)
+    full, drop = bench.compare_runs(bench.parse_args(["--runs", *runs]))
+    assert drop["mrpc f1"] == 80 and full["mrpc f1"] is None and "| mrpc f1 |" in capsys.readouterr().out
+    # another file's seeds are pooled with them; its run of seed 2 replaces the first file's
+    more = [dict(lr=1e-4, seed=s, scores=dict(f1=f, acc=a)) for s, f, a in [(2, 95, 50), (3, 96, 50)]]
+    with open(tmp_path / "drop" / "finetune-b.json", "w") as f:
+        json.dump(dict(init="drop", config={}, results=dict(mrpc=finetune.summarize(more))), f)
+    _, drop = bench.compare_runs(bench.parse_args(["--runs", *runs]))
+    assert drop["mrpc f1"] == np.median([80, 90, 95, 96])
+    code, err = run_cli("bench.py", "--runs", str(tmp_path))
+    assert code != 0 and one_line_error(err, "--runs"), err
+    pytest.importorskip("matplotlib")
+    bench.compare_runs(bench.parse_args(["--runs", *runs, "--plot", str(tmp_path / "curves.png")]))
+    assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# ------------------------------------------------------------------------------------------------
+# Bad input, every entry point: one line naming the flag, a non-zero exit, nothing written
+
+BAD_TRAIN_INPUT = [
+    (["--size", "huge"], "--size"),
+    (["--seq_len", "1024"], "--seq_len"),
+    (["--seq_len", "4"], "--seq_len"),
+    (["--batch_size", "0"], "--batch_size"),
+    (["--data", "no/such/file.jsonl"], "--data"),
+    (["--mode", "drop", "--keep", "1.5"], "--keep"),
+    (["--mode", "drop", "--keep", "0"], "--keep"),
+    (["--mode", "drop", "--keep", "0.1"], "--keep"),
+    (["--mode", "sctd", "--sctd_interval", "0"], "--sctd_interval"),
+    (["--router", "oracle"], "--router"),
+    (["--mask_rate", "0"], "--mask_rate"),
+    (["--mask_rate", "1"], "--mask_rate"),
+    (["--mode", "drop", "--mask_rate", "0.6"], "--keep"),  # 76 masked tokens do not fit in the 64 kept
+    (["--time_budget", "0", "--warmup", "5"], "--time_budget"),
+    (["--time_budget", "60"], "--warmup"),
+    (["--resume", "--out_dir", "/nonexistent/out"], "--resume"),
+]
+
+
+@pytest.mark.parametrize("args,flag", BAD_TRAIN_INPUT)
+def test_bad_train_input(args, flag, cache, capsys):
+    with pytest.raises(SystemExit) as e:
+        train.main(["--size", "tiny", "--data", CORPUS, "--cache_dir", cache, *args])
+    err = str(e.value.code) if isinstance(e.value.code, str) else capsys.readouterr().err
+    assert e.value.code != 0 and one_line_error(err, flag), err
+
+
+@pytest.mark.parametrize("flag", ["--resume", "--eval_only"])
+def test_missing_checkpoint_fails_before_data_preparation(tmp_path, flag):
+    code, err = run_cli("train.py", "--size", "tiny", "--data", CORPUS, "--cache_dir", str(tmp_path / "cache"),
+                        "--out_dir", str(tmp_path / "out"), flag)
+    assert code != 0 and one_line_error(err, flag, "no checkpoint") and not (tmp_path / "cache").exists(), err
+
+
+def test_empty_corpus_and_offline_hub(tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n   \n")
+    code, err = run_cli("train.py", "--size", "tiny", "--data", str(empty), "--cache_dir", str(tmp_path))
+    assert code != 0 and one_line_error(err, "--data"), err
+    code, err = run_cli("train.py", "--size", "tiny", "--data", "nobody/no-such-dataset", "--cache_dir", str(tmp_path),
+                        env=dict(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1"))
+    assert code != 0 and one_line_error(err, "offline", "--data"), err
+
+
+@pytest.fixture(scope="module")
+def bad_ckpts(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("bad")
+    (folder / "text.pt").write_text("not a checkpoint")
+    torch.save({"weights": torch.zeros(2)}, folder / "foreign.pt")
+    cfg = BertConfig(**dict(SIZES["tiny"], n_layer=1), vocab_size=1024)
+    torch.save(dict(model=Bert(cfg).state_dict(), model_config=asdict(cfg)), folder / "vocab.pt")
+    return folder
+
+
+BAD_FINETUNE_INPUT = [
+    (["--task", "sst3"], "--task"),
+    (["--task", "sst2", "--init", "random", "--data_dir", "/no/such/folder"], "--data_dir"),
+    (["--task", "qnli", "--init", "random"], "--data_dir"),  # the fixtures have QNLI's dev split, not its train split
+    (["--task", "sst2", "--ckpt", "/no/such/ckpt.pt"], "--ckpt"),
+    (["--task", "sst2", "--ckpt", "{bad}/text.pt"], "--ckpt"),
+    (["--task", "sst2", "--ckpt", "{bad}/foreign.pt"], "--ckpt"),
+    (["--task", "sst2", "--ckpt", "{bad}/vocab.pt"], "vocabulary"),
+    (["--task", "sst2", "--init", "random", "--max_len", "1024"], "--max_len"),
+    (["--task", "sst2", "--init", "random", "--lr", "fast"], "--lr"),
+    (["--task", "sst2", "--init", "random", "--dropout", "1.5"], "--dropout"),
+    (["--task", "sst2", "--init", "random", "--size", "huge"], "--size"),
+    (["--task", "sst2", "--init", "random", "--save_dir", "{bad}/text.pt"], "--save_dir"),
+]
+
+
+@pytest.mark.parametrize("args,flag", BAD_FINETUNE_INPUT)
+def test_bad_finetune_input(args, flag, bad_ckpts, capsys):
+    args = [a.format(bad=bad_ckpts) for a in args]
+    with pytest.raises(SystemExit) as e:
+        finetune.main(["--data_dir", TESTDATA, *args])
+    err = str(e.value.code) if isinstance(e.value.code, str) else capsys.readouterr().err
+    assert e.value.code != 0 and one_line_error(err, flag), err
+
+
 @pytest.fixture(scope="module")
 def foreign_models(tmp_path_factory):
     transformers = pytest.importorskip("transformers")
@@ -1148,9 +1169,6 @@ def test_bad_interop_input(args, flag, words, foreign_models, cache, capsys):
     assert sorted(p.name for p in foreign_models.rglob("*")) == before  # nothing written, nothing set aside
 
 
-def test_a_variant_without_a_transformers_class_is_refused():
-    pytest.importorskip("transformers")
-    with pytest.raises(ValueError, match="no transformers class"):
-        to_transformers(tiny_model(position="rotary", norm="pre"), pad_token_id=data.PAD)
-    with pytest.raises(ValueError, match="no transformers class"):
-        to_transformers(tiny_model(position="alibi"), pad_token_id=data.PAD)
+def test_bad_bench_input():
+    code, err = run_cli("bench.py", "--keep", "1.5")
+    assert code != 0 and one_line_error(err, "--keep"), err

@@ -62,13 +62,13 @@ class TrainConfig:
     betas: tuple = arg((0.9, 0.98), "AdamW betas", nargs=2, type=float)
     eps: float = arg(1e-6, "AdamW epsilon")
     clip: float = arg(1.0, "gradient norm clipping (0: off)")
-    position: str = arg("rotary", "how the model knows word order: rotary (RoFormer) or alibi (relative, in attention), "
+    position: str = arg(BertConfig.position, "how the model knows word order: rotary (RoFormer) or alibi (relative, in attention), "
                         "or absolute (learned embeddings: the paper's BERT, slower to leave the bag-of-words plateau)",
                         choices=POSITIONS)
-    norm: str = arg("post", "post: LayerNorm after each residual (BERT); pre: before each sublayer, plus a final one",
+    norm: str = arg(BertConfig.norm, "post: LayerNorm after each residual (BERT); pre: before each sublayer, plus a final one",
                     choices=NORMS)
-    dropout: float = arg(0.0, "dropout probability while pretraining (BERT: 0.1; 0 learns faster on budgets that see "
-                         "each token about once, measured in the README; finetune.py uses its own)")
+    dropout: float = arg(BertConfig.dropout, "dropout probability while pretraining (BERT: 0.1; 0 learns faster on budgets "
+                         "that see each token about once: docs/recipe.md; finetune.py uses its own)")
     keep: float = arg(0.5, "token dropping: fraction of tokens the middle layers keep, in (0, 1]")
     router: str = arg("loss", "which tokens are kept: loss (Hou et al.), random or frequency (ablations)", choices=ROUTERS)
     importance_beta: float = arg(0.995, "moving-average factor of the loss router's importance table")
@@ -399,25 +399,86 @@ def example_ids(step, micro, cfg, rank, world):
     return np.arange(start, start + cfg.batch_size)
 
 
-def train(cfg):
-    check(cfg)
-    if cfg.export:
-        return export(cfg)
-    rank, world, device, autocast = setup(cfg)
-    master, state, init = rank == 0, None, None
-    if cfg.resume or cfg.eval_only:  # before any data work: a missing checkpoint is an error at once
+def starting_point(cfg, master):
+    """
+    (checkpoint state, transformers model): the checkpoint of --resume/--eval_only or the model of --init_from,
+    whose architecture the run then follows; (None, None) for random weights. Runs before any data work, so a
+    missing checkpoint is an error at once.
+    """
+    if cfg.resume or cfg.eval_only:
         state = load_checkpoint(cfg.out_dir, master, "--eval_only" if cfg.eval_only else "--resume")
-        # a checkpoint older than the architecture switches gets their defaults: BERT's
         follow(cfg, BertConfig(**state["model_config"]), f"the checkpoint in {cfg.out_dir}")
-    elif cfg.init_from:
+        return state, None
+    if cfg.init_from:
         try:
             init = from_transformers(cfg.init_from)
         except ValueError as e:
             raise ValueError(f"--init_from: {e}") from None
         follow(cfg, init.cfg, f"--init_from {cfg.init_from}")
+        return None, init
+    return None, None
+
+
+def fill_defaults(cfg, world):
+    """The defaults that depend on the number of processes, the steps or the size (BERT's where it has one)."""
     cfg.batch_size = cfg.batch_size or max(1, 256 // world)
     cfg.warmup = min(10_000, cfg.steps // 10) if cfg.warmup is None else cfg.warmup
     cfg.lr = cfg.lr or {"base": 1e-4, "large": 1e-4, "small": 5e-4, "medium": 5e-4}.get(cfg.size, 1e-3)
+
+
+def load_data(cfg, folder, world, device):
+    """The prepared corpus -> (training Batches, the fixed validation batches: the same in every run and mode)."""
+    train_data = Batches(load_tokens(folder, "train"), cfg.seq_len, cfg.seed, device, cfg.mask_rate)
+    val_data = Batches(load_tokens(folder, "val"), cfg.seq_len, VAL_SEED, device)
+    rows_per_step = cfg.batch_size * cfg.grad_accum * world
+    if train_data.n_rows < rows_per_step or val_data.n_rows < 1:
+        raise ValueError(f"--data {cfg.data} has {train_data.n_rows} training rows of {cfg.seq_len} tokens, fewer than "
+                         f"one step's {rows_per_step} (or no validation row); use more text or a smaller --batch_size/--seq_len")
+    return train_data, [val_data.get(np.arange(i * cfg.batch_size, (i + 1) * cfg.batch_size)) for i in range(cfg.eval_iters)]
+
+
+def restore(state, model, router, opt, scaler, rank, device):
+    """Puts a checkpoint back (weights, importance table, optimizer, loss scaler, this rank's RNG). Returns (step, clock)."""
+    model.load_state_dict(state["model"])
+    router.load_state_dict(state["router"])
+    opt.load_state_dict(state["optimizer"])
+    scaler.load_state_dict(state["scaler"])
+    rng = state["rng"][rank % len(state["rng"])]
+    torch.set_rng_state(rng["cpu"])
+    if rng["cuda"] is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(rng["cuda"], device)
+    return state["step"], state["clock"]
+
+
+def save(cfg, step, model, router, opt, scaler, clock, world, device):
+    """Every rank hands in its RNG state (dropout's generator); rank 0 writes the checkpoint."""
+    rng = dict(cpu=torch.get_rng_state(), cuda=torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
+    rngs = [rng]
+    if world > 1:
+        rngs = [None] * world
+        dist.all_gather_object(rngs, rng)
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        save_checkpoint(cfg.out_dir, dict(model=model.state_dict(), router=router.state_dict(), optimizer=opt.state_dict(),
+                                          scaler=scaler.state_dict(), step=step, config=asdict(cfg),
+                                          model_config=asdict(model.cfg), rng=rngs, clock=clock))
+
+
+def progress_bar(cfg, step, clock, budget, master):
+    """Steps done of --steps; under --time_budget, seconds trained of the budget."""
+    if budget is None:
+        return tqdm(total=cfg.steps, initial=step, disable=not master, dynamic_ncols=True)
+    return tqdm(total=budget, initial=min(clock["train_time"], budget), unit="s", disable=not master, dynamic_ncols=True,
+                bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} s [{elapsed}<{remaining}{postfix}]")
+
+
+def train(cfg):
+    check(cfg)
+    if cfg.export:
+        return export(cfg)
+    rank, world, device, autocast = setup(cfg)
+    master = rank == 0
+    state, init = starting_point(cfg, master)
+    fill_defaults(cfg, world)
     if master:
         print(json.dumps(asdict(cfg), indent=1))
         prepare(cfg.data, cfg.data_config, cfg.cache_dir, cfg.max_tokens)
@@ -425,35 +486,18 @@ def train(cfg):
         dist.barrier()  # the other ranks read what rank 0 prepared
     folder = cache_folder(cfg.data, cfg.data_config, cfg.cache_dir, cfg.max_tokens)
     if cfg.prepare_only:
-        print(f"prepared {folder}")
-        return
-    train_data = Batches(load_tokens(folder, "train"), cfg.seq_len, cfg.seed, device, cfg.mask_rate)
-    val_data = Batches(load_tokens(folder, "val"), cfg.seq_len, VAL_SEED, device)
-    rows_per_step = cfg.batch_size * cfg.grad_accum * world
-    if train_data.n_rows < rows_per_step or val_data.n_rows < 1:
-        raise ValueError(f"--data {cfg.data} has {train_data.n_rows} training rows of {cfg.seq_len} tokens, fewer than "
-                         f"one step's {rows_per_step} (or no validation row); use more text or a smaller --batch_size/--seq_len")
-    val_batches = [val_data.get(np.arange(i * cfg.batch_size, (i + 1) * cfg.batch_size)) for i in range(cfg.eval_iters)]
+        return print(f"prepared {folder}")
+    train_data, val_batches = load_data(cfg, folder, world, device)
 
     model, router, opt, scaler = build(cfg, device)
     step, clock = 0, dict(train_time=0.0, warmup_end=0.0)  # seconds of training steps, and when warm-up ended
     if state is not None:
-        model.load_state_dict(state["model"])
-        router.load_state_dict(state["router"])
-        step = state["step"]
-        clock.update(state.get("clock", {}))
-        if cfg.eval_only:
-            if master:
-                print(json.dumps(dict(steps_done=step, **evaluate(model, router, val_batches, cfg, autocast))))
-            return
-        opt.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
-        rng = state["rng"][rank % len(state["rng"])]
-        torch.set_rng_state(rng["cpu"])
-        if rng["cuda"] is not None and device.type == "cuda":
-            torch.cuda.set_rng_state(rng["cuda"], device)
+        step, clock = restore(state, model, router, opt, scaler, rank, device)
         if master:
-            print(f"resumed from step {step}")
+            print(f"resumed from step {step}" if cfg.resume else
+                  json.dumps(dict(steps_done=step, **evaluate(model, router, val_batches, cfg, autocast))))
+        if cfg.eval_only:
+            return
     else:
         if init is not None:
             model.load_state_dict(init.state_dict())
@@ -461,27 +505,13 @@ def train(cfg):
     fwd = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else model
     fwd = torch.compile(fwd) if cfg.compile else fwd
 
-    def checkpoint(step):
-        rng = dict(cpu=torch.get_rng_state(), cuda=torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
-        rngs = [rng]  # dropout's generator state, one per rank
-        if world > 1:
-            rngs = [None] * world
-            dist.all_gather_object(rngs, rng)
-        if master:
-            save_checkpoint(cfg.out_dir, dict(model=model.state_dict(), router=router.state_dict(), optimizer=opt.state_dict(),
-                                              scaler=scaler.state_dict(), step=step, config=asdict(cfg),
-                                              model_config=asdict(model.cfg), rng=rngs, clock=clock,
-                                              examples_seen=step * rows_per_step))
-
     os.makedirs(cfg.out_dir, exist_ok=True)
     log = open(os.path.join(cfg.out_dir, "log.jsonl"), "a") if master else None
     Stop.install()
-    bad, budget = 0, 60 * cfg.time_budget if cfg.time_budget else None
-    compiled = set()  # the step kinds (full, drop, sctd) run so far
-    bar = tqdm(total=budget or cfg.steps, initial=min(clock["train_time"], budget) if budget else step,
-               unit="s" if budget else "it",
-               bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} s [{elapsed}<{remaining}{postfix}]" if budget else None,
-               disable=not master, dynamic_ncols=True)
+    rows_per_step = cfg.batch_size * cfg.grad_accum * world
+    budget = 60 * cfg.time_budget if cfg.time_budget else None
+    bar = progress_bar(cfg, step, clock, budget, master)
+    bad, compiled = 0, set()  # non-finite steps in a row; the step kinds (full, drop, sctd) run so far
     # a resumed run that has already used its time budget is done
     while step < cfg.steps and (budget is None or clock["train_time"] < budget):
         t0 = time.perf_counter()
@@ -504,27 +534,27 @@ def train(cfg):
         # the ranks' clocks differ a little: all stop when the first runs out
         out_of_time = budget is not None and agree(clock["train_time"] >= budget, world, device)
         last = done == cfg.steps or out_of_time
+
         record = dict(step=step, loss=out["loss"], lr=lr, tokens_per_s=round(rows_per_step * cfg.seq_len / seconds),
                       mode=out["mode"], train_time=round(clock["train_time"], 2), tokens=done * rows_per_step * cfg.seq_len)
         record.update({k: out[k] for k in ("kl_local", "kl_global", "mlm_drop", "mlm_full") if k in out})
         if out["skipped"]:
             record["skipped"] = True
-        if done % cfg.eval_every == 0 or last:
-            if master:
-                record.update(evaluate(model, router, val_batches, cfg, autocast))
-                bar.write(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()))
+        if master and (done % cfg.eval_every == 0 or last):
+            record.update(evaluate(model, router, val_batches, cfg, autocast))
+            bar.write(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()))
         if master and (step % cfg.log_every == 0 or "val_loss" in record or out["mode"] == "sctd" or out["skipped"]):
             log.write(json.dumps(record) + "\n")
             log.flush()
         bar.update(min(trained, bar.total - bar.n) if budget else 1)  # tqdm cannot draw a count past its total
         bar.set_postfix(step=done, loss=f"{out['loss']:.3f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:,}")
+
         stop = agree(Stop.requested, world, device)
         if done % cfg.save_every == 0 or last or stop:
-            checkpoint(done)
-        if stop and master:
-            print(f"stopped at step {done}; checkpoint saved in {cfg.out_dir}")
-        if out_of_time and master:
-            print(f"--time_budget {cfg.time_budget} minutes reached at step {done}; checkpoint saved in {cfg.out_dir}")
+            save(cfg, done, model, router, opt, scaler, clock, world, device)
+        if master and (stop or out_of_time):
+            print(f"stopped at step {done}" if stop else f"--time_budget {cfg.time_budget} minutes reached at step {done}",
+                  f"checkpoint saved in {cfg.out_dir}", sep="; ")
         if stop or out_of_time:
             break
         step = done
