@@ -24,6 +24,7 @@ import statistics
 import sys
 import time
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -57,10 +58,10 @@ def parse_args(argv=None):
     p.add_argument("--json", help="also write the results to this file")
     p.add_argument("--runs", nargs="+", help="instead of timing steps, compare finished train.py runs (their --out_dir): "
                    "the time each took to reach --target_loss, from log.jsonl")
-    p.add_argument("--target_loss", type=float, help="--runs: the validation loss to time (default: the highest of "
-                   "the runs' best, so that every run reaches it)")
-    p.add_argument("--plot", help="--runs: also draw validation loss against training time and tokens into this "
-                   "image (needs matplotlib: pip install matplotlib)")
+    p.add_argument("--target_loss", type=float, nargs="+", help="--runs: the validation losses to time (default: the "
+                   "highest of the runs' best, so that every run reaches it)")
+    p.add_argument("--plot", help="--runs: also draw validation loss against training time and tokens, and the order "
+                   "gap and drift against tokens, into this image (needs matplotlib: pip install matplotlib)")
     return p.parse_args(argv)
 
 
@@ -276,24 +277,24 @@ def benchmark(args):
 
 
 def read_run(folder):
-    """A finished train.py run: its flags (from the checkpoint), its evaluations (from log.jsonl), by step, and the
-    dev scores of the fine-tunings saved beside it (finetune.py --json FOLDER/finetune*.json): {"task metric":
-    median over the seeds}."""
+    """A finished train.py run: its flags (config.json), its evaluations (log.jsonl), and the dev scores of the
+    fine-tunings saved beside it (finetune.py --json FOLDER/finetune*.json): {"task metric": median over the seeds}.
+    The two small files are all it needs, so a study can keep its runs without their checkpoints."""
     try:
-        ckpt = os.path.join(folder, "ckpt.pt")  # mmap: only the config is read, not the weights and optimizer
-        config = torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True)["config"]
+        with open(os.path.join(folder, "config.json")) as f:
+            config = json.load(f)
         with open(os.path.join(folder, "log.jsonl")) as f:
             records = [json.loads(line) for line in f]
-    except (OSError, KeyError, RuntimeError) as e:
-        raise ValueError(f"--runs {folder}: not a finished train.py run ({str(e).splitlines()[0][:80]})") from None
+    except (OSError, ValueError) as e:
+        raise ValueError(f"--runs {folder}: not a train.py run ({str(e).splitlines()[0][:80]})") from None
     kept = []
     for r in records:  # a resumed run's records replace all from the step it resumed at (a crash may have logged more)
         while kept and kept[-1]["step"] >= r["step"]:
             kept.pop()
         kept.append(r)
     evals = [r for r in kept if "val_loss" in r]
-    if not evals or "train_time" not in evals[-1]:
-        raise ValueError(f"--runs {folder}: log.jsonl has no evaluation with train_time (a run older than that field)")
+    if not evals:
+        raise ValueError(f"--runs {folder}: log.jsonl has no evaluation yet")
     runs = {}  # per task, pooled over the files (more seeds may come later); a seed run twice: the later file's counts
     for path in sorted(glob.glob(os.path.join(folder, "finetune*.json"))):
         with open(path) as f:
@@ -317,68 +318,112 @@ def time_to(evals, target):
     return None
 
 
+def label(cfg):
+    """A run's method: its mode, and for dropping modes the router."""
+    return cfg["mode"] if cfg["mode"] == "full" else f"{cfg['mode']} ({cfg['router']} router)"
+
+
 def compare_runs(args):
-    """--runs: one row per run (the last evaluation, time to the target loss, saving against full of the same seed)."""
+    """
+    --runs: one row per run (the last evaluation; per target loss, the minutes to reach it and the saving against the
+    full run of the same seed), then each method's saving over the seeds: their mean and range.
+    """
     runs = [read_run(folder) for folder in args.runs]
-    target = args.target_loss or max(min(r["val_loss"] for r in run["evals"]) for run in runs)
-    full_time = {run["config"]["seed"]: time_to(run["evals"], target) for run in runs if run["config"]["mode"] == "full"}
+    targets = args.target_loss or [max(min(r["val_loss"] for r in run["evals"]) for run in runs)]
+    full = {run["config"]["seed"]: run for run in runs if run["config"]["mode"] == "full"}
     rows = []
     for run in runs:
         cfg, last = run["config"], run["evals"][-1]
-        t, t_full = time_to(run["evals"], target), full_time.get(cfg["seed"])
-        rows.append(dict(run=run["name"], mode=cfg["mode"], router=cfg["router"] if cfg["mode"] != "full" else None,
-                         seed=cfg["seed"], budget_min=cfg.get("time_budget"), steps=last["step"] + 1,
-                         tokens_M=last["tokens"] / 1e6, steps_per_s=(last["step"] + 1) / last["train_time"],
-                         val_loss=last["val_loss"], order_gap=last["val_order_gap"],
-                         drift_kl_local=last.get("drift_kl_local"), drift_kl_global=last.get("drift_kl_global"),
-                         drift_cos_global=last.get("drift_cos_global"),
-                         target_min=None if t is None else t / 60,
-                         saving=None if None in (t, t_full) or cfg["mode"] == "full" else 1 - t / t_full))
+        peer = full.get(cfg["seed"]) if cfg["mode"] != "full" else None
+        row = dict(run=run["name"], mode=cfg["mode"], router=cfg["router"] if cfg["mode"] != "full" else None,
+                   seed=cfg["seed"], budget_min=cfg.get("time_budget"), steps=last["step"] + 1,
+                   tokens_M=last["tokens"] / 1e6, steps_per_s=(last["step"] + 1) / last["train_time"],
+                   val_loss=last["val_loss"], order_gap=last["val_order_gap"],
+                   drift_kl_local=last.get("drift_kl_local"), drift_kl_global=last.get("drift_kl_global"),
+                   drift_cos_global=last.get("drift_cos_global"))
+        peer_last = peer and peer["evals"][-1]
+        row["speed_vs_full"] = peer and row["steps_per_s"] / ((peer_last["step"] + 1) / peer_last["train_time"])
+        for target in targets:
+            t, t_full = time_to(run["evals"], target), peer and time_to(peer["evals"], target)
+            row[f"min to {target:.3f}"] = None if t is None else t / 60
+            row[f"saving at {target:.3f}"] = None if not (t and t_full) else 1 - t / t_full
+        rows.append(row)
     tasks = sorted({key for run in runs for key in run["scores"]})
     for row, run in zip(rows, runs):
         row.update({key: run["scores"].get(key) for key in tasks})
     cols = [("run", "run", "{}"), ("mode", "mode", "{}"), ("router", "router", "{}"), ("seed", "seed", "{}"),
             ("budget (min)", "budget_min", "{:g}"), ("steps", "steps", "{}"), ("tokens", "tokens_M", "{:.2f}M"),
-            ("steps/s", "steps_per_s", "{:.3f}"), ("val loss", "val_loss", "{:.3f}"), ("order gap", "order_gap", "{:.3f}"),
+            ("steps/s", "steps_per_s", "{:.3f}"), ("steps/s vs full", "speed_vs_full", "{:.2f}x"),
+            ("val loss", "val_loss", "{:.3f}"), ("order gap", "order_gap", "{:.3f}"),
             ("drift KL local", "drift_kl_local", "{:.2e}"), ("drift KL global", "drift_kl_global", "{:.2e}"),
-            ("drift cos global", "drift_cos_global", "{:.4f}"), (f"min to {target:.3f}", "target_min", "{:.1f}"),
-            ("saving vs full", "saving", "{:+.0%}")] + [(key, key, "{:.1f}") for key in tasks]
-    print_markdown(rows, cols)
-    print(f"val loss, order gap, drift: the last evaluation. min to {target:.3f}: training minutes (evaluations and "
-          f"compilation not counted) until the validation loss first reached {target:.3f}, linear between "
-          f"evaluations; saving vs full: 1 - that time / the full run's of the same seed."
-          + (" Then the median dev score of each fine-tuning saved beside the run." if tasks else ""))
+            ("drift cos global", "drift_cos_global", "{:.4f}")]
+    for target in targets:
+        cols += [(f"min to {target:.3f}", f"min to {target:.3f}", "{:.1f}"), (f"saving at {target:.3f}", f"saving at {target:.3f}", "{:+.0%}")]
+    print_markdown(rows, cols + [(key, key, "{:.1f}") for key in tasks])
+    print("val loss, order gap, drift: the last evaluation. min to X: training minutes (evaluations and compilation not "
+          "counted) until the validation loss first reached X, linear between evaluations; saving at X: 1 - that time / "
+          "the full run's of the same seed; steps/s vs full: the same ratio of steps per second, whose saving alone would "
+          "be 1 - 1 / it." + (" Then the median dev score of each fine-tuning saved beside the run." if tasks else ""))
+    summary = savings_over_seeds(rows, targets)
+    for line in summary:
+        print(f"{line['method']}, saving at {line['target']:.3f} over {line['seeds']} seeds: mean {line['mean']:+.0%}, "
+              f"range [{line['min']:+.0%}, {line['max']:+.0%}]; by its step speed alone: mean {line['speed_saving']:+.0%}")
     if args.plot:
-        plot_runs(runs, target, args.plot)
+        plot_runs(runs, targets[0], args.plot)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(dict(target_loss=target, command=" ".join(sys.argv), rows=rows), f, indent=1)
+            json.dump(dict(target_loss=targets, command=" ".join(sys.argv), rows=rows, savings=summary), f, indent=1)
     return rows
 
 
+def savings_over_seeds(rows, targets):
+    """Per method (not full) and target: the savings of its seeds (each against its own full run), mean and range."""
+    summary = []
+    for method in dict.fromkeys(label(r) for r in rows if r["mode"] != "full"):
+        mine = [r for r in rows if label(r) == method]
+        speed = [1 - 1 / r["speed_vs_full"] for r in mine if r["speed_vs_full"]]
+        for target in targets:
+            savings = [r[f"saving at {target:.3f}"] for r in mine if r[f"saving at {target:.3f}"] is not None]
+            if savings:
+                summary.append(dict(method=method, target=target, seeds=len(savings), mean=float(np.mean(savings)),
+                                    min=min(savings), max=max(savings), speed_saving=float(np.mean(speed))))
+    return summary
+
+
 def plot_runs(runs, target, path):
-    """Validation loss against training minutes and against tokens seen, one line per run."""
+    """Validation loss against training minutes and tokens; order gap and semantic drift against tokens. A line per run."""
     try:
         import matplotlib
     except ImportError:
         raise ValueError("--plot needs matplotlib (optional, not in requirements.txt): pip install matplotlib") from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+    fig, axes = plt.subplots(2, 2, figsize=(11, 8))
     colors, seeds = {}, sorted({run["config"]["seed"] for run in runs})
+    panels = [(0, 0, "train_time", "val_loss"), (0, 1, "tokens", "val_loss"), (1, 0, "tokens", "val_order_gap"),
+              (1, 1, "tokens", "drift_kl_global")]
     for run in runs:  # a color per mode and router, a line style per seed
-        cfg = run["config"]
-        label = cfg["mode"] if cfg["mode"] == "full" else f"{cfg['mode']} ({cfg['router']} router)"
-        style = dict(label=f"{label}, seed {cfg['seed']}", marker=".", color=colors.setdefault(label, f"C{len(colors)}"),
-                     linestyle=["-", "--", ":", "-."][seeds.index(cfg["seed"]) % 4])
-        axes[0].plot([r["train_time"] / 60 for r in run["evals"]], [r["val_loss"] for r in run["evals"]], **style)
-        axes[1].plot([r["tokens"] / 1e6 for r in run["evals"]], [r["val_loss"] for r in run["evals"]], **style)
-    for ax, xlabel in zip(axes, ["training minutes (evaluations, compilation not counted)", "training tokens (millions)"]):
-        ax.axhline(target, color="gray", linewidth=0.8, linestyle=":", label=f"target {target:.3f}" if ax is axes[1] else None)
-        ax.set_xlabel(xlabel)
+        method = label(run["config"])
+        style = dict(label=f"{method}, seed {run['config']['seed']}", marker=".", markersize=3,
+                     color=colors.setdefault(method, f"C{len(colors)}"),
+                     linestyle=["-", "--", ":", "-."][seeds.index(run["config"]["seed"]) % 4])
+        for i, j, x, y in panels:
+            points = [(r[x] / (60 if x == "train_time" else 1e6), r[y]) for r in run["evals"] if y in r]
+            if points:
+                axes[i, j].plot(*zip(*points), **style)
+    names = dict(train_time="training minutes (evaluations, compilation not counted)", tokens="training tokens (millions)",
+                 val_loss="validation MLM loss", val_order_gap="order gap (shuffled rows' loss - loss)",
+                 drift_kl_global="drift: KL of [CLS] leaving the encoder, dropped vs full pass")
+    for i, j, x, y in panels:
+        ax = axes[i, j]
+        if y == "val_loss":
+            ax.axhline(target, color="gray", linewidth=0.8, linestyle=":", label=f"target {target:.3f}")
+        if y == "drift_kl_global":
+            ax.set_yscale("log")
+        ax.set_xlabel(names[x])
+        ax.set_ylabel(names[y])
         ax.grid(alpha=0.3)
-    axes[0].set_ylabel("validation MLM loss")
-    axes[1].legend(fontsize=8)
+    axes[0, 1].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     print(f"plot: {path}")

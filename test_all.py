@@ -437,6 +437,8 @@ def test_tiny_model_learns(cache, tmp_path, capsys):
     printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert printed["steps_done"] == 60 and abs(printed["val_loss"] - val[-1]) < 1e-5  # the final evaluation, reproduced
     assert sum(1 for _ in open(tmp_path / "log.jsonl")) == len(log)  # and nothing written
+    run = bench.read_run(str(tmp_path))  # config.json beside log.jsonl: all bench.py --runs needs
+    assert run["config"]["size"] == "tiny" and run["evals"][-1]["val_loss"] == val[-1]
 
 
 @pytest.mark.parametrize("mode", ["full", "sctd"])
@@ -1007,10 +1009,10 @@ def test_bench_smoke():
     assert drop["flops_speedup"] > hybrid["flops_speedup"] > sctd["flops_speedup"]
 
 
-def fake_run(folder, mode, evals):
-    """A finished run as bench.py --runs reads it: the checkpoint's config and log.jsonl's evaluations."""
+def fake_run(folder, mode, evals, seed=1337):
+    """A finished run as bench.py --runs reads it: config.json and log.jsonl's evaluations."""
     folder.mkdir()
-    torch.save(dict(config=dict(mode=mode, router="loss", seed=1337, time_budget=0.5)), folder / "ckpt.pt")
+    (folder / "config.json").write_text(json.dumps(dict(mode=mode, router="loss", seed=seed, time_budget=0.5)))
     with open(folder / "log.jsonl", "w") as f:
         for step, seconds, val_loss in evals:
             f.write(json.dumps(dict(step=step, loss=7.0, train_time=seconds, tokens=(step + 1) * 100, val_loss=val_loss,
@@ -1025,25 +1027,34 @@ def test_bench_times_runs_to_a_target_loss(tmp_path, capsys):
     runs = [str(tmp_path / "full"), str(tmp_path / "drop")]
     # default target: the highest best loss, 4.2; full reaches it at 20 + 10 * 0.8 s, drop at 30 s
     full, drop = bench.compare_runs(bench.parse_args(["--runs", *runs]))
-    assert full["target_min"] * 60 == pytest.approx(28) and drop["target_min"] * 60 == pytest.approx(30)
-    assert drop["saving"] == pytest.approx(1 - 30 / 28) and full["saving"] is None
+    assert full["min to 4.200"] * 60 == pytest.approx(28) and drop["min to 4.200"] * 60 == pytest.approx(30)
+    assert drop["saving at 4.200"] == pytest.approx(1 - 30 / 28) and full["saving at 4.200"] is None
     assert (drop["steps"], drop["tokens_M"], drop["steps_per_s"], drop["val_loss"]) == (30, 3e-3, 1.0, 4.2)
-    full, drop = bench.compare_runs(bench.parse_args(["--runs", *runs, "--target_loss", "5.0"]))
-    assert full["target_min"] * 60 == pytest.approx(20) and drop["target_min"] * 60 == pytest.approx(15)
-    assert drop["saving"] == pytest.approx(0.25)
-    _, drop = bench.compare_runs(bench.parse_args(["--runs", *runs, "--target_loss", "4.1"]))
-    assert drop["target_min"] is None and "| - | - |" in capsys.readouterr().out  # never reached: a dash
+    assert drop["speed_vs_full"] == pytest.approx(1.0)  # 30 steps in 30 s, as full's 30 in 30 s
+    # several targets; a second seed, whose drop run is twice as fast a step: savings per seed, then mean and range
+    fake_run(tmp_path / "full2", "full", [(9, 10, 6.0), (19, 20, 5.0)], seed=7)
+    fake_run(tmp_path / "drop2", "drop", [(19, 10, 5.0)], seed=7)
+    runs += [str(tmp_path / "full2"), str(tmp_path / "drop2")]
+    capsys.readouterr()
+    full, drop, _, drop2 = bench.compare_runs(bench.parse_args(["--runs", *runs, "--target_loss", "5.0", "4.1"]))
+    assert full["min to 5.000"] * 60 == pytest.approx(20) and drop["min to 5.000"] * 60 == pytest.approx(15)
+    assert drop["saving at 5.000"] == pytest.approx(0.25) and drop2["saving at 5.000"] == pytest.approx(0.5)
+    assert drop2["speed_vs_full"] == pytest.approx(2.0)
+    assert drop["min to 4.100"] is None and drop["saving at 4.100"] is None  # never reached: a dash in the table
+    out = capsys.readouterr().out
+    assert "saving at 5.000 over 2 seeds: mean +38%, range [+25%, +50%]; by its step speed alone: mean +25%" in out
+    assert "saving at 4.100 over" not in out  # no seed reached it: no summary line
     # fine-tuning scores saved beside a run (finetune.py --json) become columns: each task's first metric, its median
     ft_runs = [dict(lr=1e-4, seed=s, scores=dict(f1=f, acc=a)) for s, f, a in [(0, 80, 70), (1, 90, 60), (2, 50, 50)]]
     with open(tmp_path / "drop" / "finetune-a.json", "w") as f:
         json.dump(dict(init="drop", config={}, results=dict(mrpc=finetune.summarize(ft_runs))), f)
-    full, drop = bench.compare_runs(bench.parse_args(["--runs", *runs]))
+    full, drop, *_ = bench.compare_runs(bench.parse_args(["--runs", *runs]))
     assert drop["mrpc f1"] == 80 and full["mrpc f1"] is None and "| mrpc f1 |" in capsys.readouterr().out
     # another file's seeds are pooled with them; its run of seed 2 replaces the first file's
     more = [dict(lr=1e-4, seed=s, scores=dict(f1=f, acc=a)) for s, f, a in [(2, 95, 50), (3, 96, 50)]]
     with open(tmp_path / "drop" / "finetune-b.json", "w") as f:
         json.dump(dict(init="drop", config={}, results=dict(mrpc=finetune.summarize(more))), f)
-    _, drop = bench.compare_runs(bench.parse_args(["--runs", *runs]))
+    _, drop, *_ = bench.compare_runs(bench.parse_args(["--runs", *runs]))
     assert drop["mrpc f1"] == np.median([80, 90, 95, 96])
     code, err = run_cli("bench.py", "--runs", str(tmp_path))
     assert code != 0 and one_line_error(err, "--runs"), err

@@ -231,7 +231,7 @@ def train_step(model, router, opt, scaler, batches, cfg, step, lr, autocast):
     else:
         router.reset()  # a non-finite loss must not reach the importance table either
     mode = "sctd" if sctd_step else "drop" if cfg.mode == "sctd" else cfg.mode
-    return dict(out, grad_norm=norm.item(), skipped=not finite, mode=mode)
+    return dict(out, skipped=not finite, mode=mode)
 
 
 @torch.no_grad()
@@ -486,7 +486,8 @@ def train(cfg):
         dist.barrier()  # the other ranks read what rank 0 prepared
     folder = cache_folder(cfg.data, cfg.data_config, cfg.cache_dir, cfg.max_tokens)
     if cfg.prepare_only:
-        return print(f"prepared {folder}")
+        print(f"prepared {folder}")
+        return
     train_data, val_batches = load_data(cfg, folder, world, device)
 
     model, router, opt, scaler = build(cfg, device)
@@ -506,6 +507,9 @@ def train(cfg):
     fwd = torch.compile(fwd) if cfg.compile else fwd
 
     os.makedirs(cfg.out_dir, exist_ok=True)
+    if master:  # the run's flags beside its log: bench.py --runs reads the two, no checkpoint needed
+        with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
+            json.dump(asdict(cfg), f, indent=1)
     log = open(os.path.join(cfg.out_dir, "log.jsonl"), "a") if master else None
     Stop.install()
     rows_per_step = cfg.batch_size * cfg.grad_accum * world
