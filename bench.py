@@ -55,6 +55,8 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=20, help="timed steps per mode, at least 2 (their median and spread are reported)")
     p.add_argument("--warmup", type=int, default=5, help="untimed rounds first (compilation happens here)")
     p.add_argument("--compare", choices=["hf"], help="hf: add transformers.BertForMaskedLM at the same shape as a peer row")
+    p.add_argument("--profile", action="store_true", help="also run one step of each mode under torch.profiler and print "
+                   "where its time goes (matmuls, attention, dropping's gathers, the router's sort, AdamW, ...)")
     p.add_argument("--json", help="also write the results to this file")
     p.add_argument("--runs", nargs="+", help="instead of timing steps, compare finished train.py runs (their --out_dir): "
                    "the time each took to reach --target_loss, from log.jsonl")
@@ -138,6 +140,48 @@ def time_steps(steps, warmup, timed, device, desc):
     return median, {name: (q[2] - q[0]) / median[name] for name, q in quartiles.items()}, peak
 
 
+# Kinds of work in a step, recognized by fragments of the op's (CPU) or kernel's (GPU) name; the first match counts.
+OP_KINDS = [("attention", ("scaled_dot_product", "flash", "fmha", "attention")),
+            ("matmul", ("mm", "gemm", "xmma", "cutlass", "matmul")),
+            ("MLM softmax and loss", ("softmax", "nll_loss", "cross_entropy")),
+            ("gather/scatter/index", ("gather", "scatter", "index")),
+            ("sort/top-k (router)", ("sort", "topk", "radix")),
+            ("AdamW and clipping", ("adam", "foreach", "vector_norm"))]
+SYNCS = ("synchronize", "local_scalar_dense")  # a host that waits for the device: once per step is by design
+
+
+def profile_step(step, device):
+    """
+    One call of step() under torch.profiler -> ({kind of work: ms}, the 5 costliest ops as (name, ms), host-device
+    syncs). Self times of the device's kernels on a GPU, of the CPU's ops otherwise; each op in one kind of OP_KINDS.
+    """
+    from torch.profiler import ProfilerActivity, profile
+    cuda = device.type == "cuda"
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        step(0)
+        if cuda:
+            torch.cuda.synchronize()
+    events = prof.key_averages()
+    ms = {e.key: (e.self_device_time_total if cuda else e.self_cpu_time_total) / 1e3 for e in events
+          if not cuda or e.device_type == torch.autograd.DeviceType.CUDA}
+    kinds = {name: 0.0 for name, _ in OP_KINDS} | {"other": 0.0}
+    for name, t in ms.items():
+        kind = next((k for k, fragments in OP_KINDS if any(f in name.lower() for f in fragments)), "other")
+        kinds[kind] += t
+    syncs = sum(e.count for e in events if any(f in e.key.lower() for f in SYNCS))
+    return kinds, sorted(ms.items(), key=lambda kv: -kv[1])[:5], syncs
+
+
+def print_profile(name, kinds, top, syncs, device):
+    """profile_step's findings as a markdown table of the kinds of work and their share."""
+    total, cuda = sum(kinds.values()), device.type == "cuda"
+    print(f"\n{name}: {total:.1f} ms of {'kernel' if cuda else 'CPU op'} time in one step"
+          + (f", {syncs} host-device syncs" if cuda else ""))
+    print_markdown([dict(kind=k, ms=t, share=t / total) for k, t in kinds.items()],
+                   [("kind of work", "kind", "{}"), ("ms", "ms", "{:.1f}"), ("share", "share", "{:.0%}")])
+    print("costliest: " + ", ".join(f"{op} {t:.1f} ms" for op, t in top))
+
+
 def peak_tflops(device, dtype):
     """The device's dense bf16/fp16 peak in TFLOP/s; None on CPU, in fp32, or for a device PEAK_TFLOPS lacks."""
     if device.type != "cuda" or dtype == "fp32":
@@ -189,6 +233,12 @@ def shape_rows(args, run, size, seq_len, batch_size, device, autocast):
                  step_gb=memory[name] and memory[name] / 2**30)
             for name in labels if name in seconds]
     print_table(rows, device, run.dtype, Fi, hf_version)
+    if args.profile:
+        for row, name in zip(rows, labels):
+            if name in steps and name != "hf":
+                kinds, top, syncs = profile_step(steps[name], device)
+                print_profile(f"--size {size} --seq_len {seq_len}, {row['mode']}", kinds, top, syncs, device)
+                row["profile_ms"] = kinds
     return rows
 
 

@@ -796,6 +796,12 @@ def test_correlations_hand_computed():
     assert finetune.spearman(np.array([1, 2, 3]), np.array([1, 10, 100])) == pytest.approx(100.0)  # monotone
 
 
+def test_finetuning_schedule_hand_computed():
+    """BERT's: linear warm-up over 2 of 10 steps, then linear decay to 0 at step 10."""
+    assert [finetune.lr_at(s, 1.0, 10, 2) for s in range(10)] == pytest.approx([0.5, 1, 1, 7 / 8, 6 / 8, 5 / 8, 4 / 8, 3 / 8,
+                                                                              2 / 8, 1 / 8])
+
+
 def test_summary_keeps_the_lr_with_the_best_median():
     runs = [dict(lr=1e-4, seed=s, scores=dict(f1=f, acc=a)) for s, f, a in [(0, 80, 70), (1, 90, 60), (2, 50, 50)]]
     runs += [dict(lr=5e-5, seed=s, scores=dict(f1=f, acc=a)) for s, f, a in [(0, 78, 70), (1, 76, 70), (2, 10, 10)]]
@@ -1007,6 +1013,15 @@ def test_bench_smoke():
     assert full["speedup"] == full["flops_speedup"] == 1
     assert drop["flops_speedup"] > 1 > sctd["flops_speedup"]  # a ScTD step adds a full pass to the dropped one
     assert drop["flops_speedup"] > hybrid["flops_speedup"] > sctd["flops_speedup"]
+
+
+def test_bench_profile_sorts_a_step_into_kinds_of_work():
+    rows = bench.benchmark(bench.parse_args(["--sizes", "tiny", "--seq_lens", "32", "--batch_size", "2", "--steps", "2",
+                                             "--warmup", "1", "--profile"]))
+    full, drop, sctd = (r["profile_ms"] for r in rows[:3])
+    assert set(full) == {kind for kind, _ in bench.OP_KINDS} | {"other"}
+    assert all(p["matmul"] > 0 and p["AdamW and clipping"] > 0 for p in (full, drop, sctd))
+    assert full["sort/top-k (router)"] == 0 < drop["sort/top-k (router)"]  # the router sorts only when tokens drop
 
 
 def fake_run(folder, mode, evals, seed=1337):
