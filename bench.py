@@ -357,14 +357,15 @@ def read_run(folder):
     return dict(name=os.path.basename(os.path.normpath(folder)), config=config, evals=evals, scores=scores)
 
 
-def time_to(evals, target):
-    """Training seconds at which the validation loss first reached target, linear between evaluations; None if never."""
+def reach(evals, target, key="train_time"):
+    """The training seconds (or tokens, key="tokens") at which the validation loss first reached target, linear between
+    evaluations; None if never."""
     for before, r in zip([None] + evals, evals):
         if r["val_loss"] <= target:
             if before is None:
-                return r["train_time"]
+                return r[key]
             frac = (before["val_loss"] - target) / (before["val_loss"] - r["val_loss"])
-            return before["train_time"] + frac * (r["train_time"] - before["train_time"])
+            return before[key] + frac * (r[key] - before[key])
     return None
 
 
@@ -394,9 +395,11 @@ def compare_runs(args):
         peer_last = peer and peer["evals"][-1]
         row["speed_vs_full"] = peer and row["steps_per_s"] / ((peer_last["step"] + 1) / peer_last["train_time"])
         for target in targets:
-            t, t_full = time_to(run["evals"], target), peer and time_to(peer["evals"], target)
+            t, t_full = reach(run["evals"], target), peer and reach(peer["evals"], target)
+            n, n_full = reach(run["evals"], target, "tokens"), peer and reach(peer["evals"], target, "tokens")
             row[f"min to {target:.3f}"] = None if t is None else t / 60
             row[f"saving at {target:.3f}"] = None if not (t and t_full) else 1 - t / t_full
+            row[f"tokens vs full at {target:.3f}"] = None if not (n and n_full) else n / n_full
         rows.append(row)
     tasks = sorted({key for run in runs for key in run["scores"]})
     for row, run in zip(rows, runs):
@@ -408,16 +411,19 @@ def compare_runs(args):
             ("drift KL local", "drift_kl_local", "{:.2e}"), ("drift KL global", "drift_kl_global", "{:.2e}"),
             ("drift cos global", "drift_cos_global", "{:.4f}")]
     for target in targets:
-        cols += [(f"min to {target:.3f}", f"min to {target:.3f}", "{:.1f}"), (f"saving at {target:.3f}", f"saving at {target:.3f}", "{:+.0%}")]
+        cols += [(f"{what} {target:.3f}", f"{what} {target:.3f}", fmt)
+                 for what, fmt in [("min to", "{:.1f}"), ("saving at", "{:+.0%}"), ("tokens vs full at", "{:.2f}x")]]
     print_markdown(rows, cols + [(key, key, "{:.1f}") for key in tasks])
     print("val loss, order gap, drift: the last evaluation. min to X: training minutes (evaluations and compilation not "
           "counted) until the validation loss first reached X, linear between evaluations; saving at X: 1 - that time / "
-          "the full run's of the same seed; steps/s vs full: the same ratio of steps per second, whose saving alone would "
-          "be 1 - 1 / it." + (" Then the median dev score of each fine-tuning saved beside the run." if tasks else ""))
+          "the full run's of the same seed; tokens vs full at X: the tokens it took to reach X over the full run's (the cost "
+          "per token, free of the machine's speed); steps/s vs full: the same ratio of steps per second, whose saving "
+          "alone would be 1 - 1 / it." + (" Then the median dev score of each fine-tuning saved beside the run." if tasks else ""))
     summary = savings_over_seeds(rows, targets)
     for line in summary:
         print(f"{line['method']}, saving at {line['target']:.3f} over {line['seeds']} seeds: mean {line['mean']:+.0%}, "
-              f"range [{line['min']:+.0%}, {line['max']:+.0%}]; by its step speed alone: mean {line['speed_saving']:+.0%}")
+              f"range [{line['min']:+.0%}, {line['max']:+.0%}]; by its step speed alone: mean {line['speed_saving']:+.0%}; "
+              f"tokens vs full: mean {line['tokens_ratio']:.2f}x, range [{line['tokens_min']:.2f}x, {line['tokens_max']:.2f}x]")
     if args.plot:
         plot_runs(runs, targets[0], args.plot)
     if args.json:
@@ -427,16 +433,20 @@ def compare_runs(args):
 
 
 def savings_over_seeds(rows, targets):
-    """Per method (not full) and target: the savings of its seeds (each against its own full run), mean and range."""
+    """Per method (not full) and target: the savings of its seeds (each against its own full run) and the tokens each
+    needed against its full run's, their mean and range."""
     summary = []
     for method in dict.fromkeys(label(r) for r in rows if r["mode"] != "full"):
         mine = [r for r in rows if label(r) == method]
         speed = [1 - 1 / r["speed_vs_full"] for r in mine if r["speed_vs_full"]]
         for target in targets:
-            savings = [r[f"saving at {target:.3f}"] for r in mine if r[f"saving at {target:.3f}"] is not None]
-            if savings:
+            reached = [r for r in mine if r[f"saving at {target:.3f}"] is not None]
+            if reached:
+                savings = [r[f"saving at {target:.3f}"] for r in reached]
+                tokens = [r[f"tokens vs full at {target:.3f}"] for r in reached]
                 summary.append(dict(method=method, target=target, seeds=len(savings), mean=float(np.mean(savings)),
-                                    min=min(savings), max=max(savings), speed_saving=float(np.mean(speed))))
+                                    min=min(savings), max=max(savings), speed_saving=float(np.mean(speed)),
+                                    tokens_ratio=float(np.mean(tokens)), tokens_min=min(tokens), tokens_max=max(tokens)))
     return summary
 
 

@@ -1044,6 +1044,7 @@ def test_bench_times_runs_to_a_target_loss(tmp_path, capsys):
     full, drop = bench.compare_runs(bench.parse_args(["--runs", *runs]))
     assert full["min to 4.200"] * 60 == pytest.approx(28) and drop["min to 4.200"] * 60 == pytest.approx(30)
     assert drop["saving at 4.200"] == pytest.approx(1 - 30 / 28) and full["saving at 4.200"] is None
+    assert drop["tokens vs full at 4.200"] == pytest.approx(3000 / 2800)  # 100 tokens a step: at 4.2, 3000 against 2800
     assert (drop["steps"], drop["tokens_M"], drop["steps_per_s"], drop["val_loss"]) == (30, 3e-3, 1.0, 4.2)
     assert drop["speed_vs_full"] == pytest.approx(1.0)  # 30 steps in 30 s, as full's 30 in 30 s
     # several targets; a second seed, whose drop run is twice as fast a step: savings per seed, then mean and range
@@ -1055,9 +1056,10 @@ def test_bench_times_runs_to_a_target_loss(tmp_path, capsys):
     assert full["min to 5.000"] * 60 == pytest.approx(20) and drop["min to 5.000"] * 60 == pytest.approx(15)
     assert drop["saving at 5.000"] == pytest.approx(0.25) and drop2["saving at 5.000"] == pytest.approx(0.5)
     assert drop2["speed_vs_full"] == pytest.approx(2.0)
+    assert drop["tokens vs full at 5.000"] == pytest.approx(0.75) and drop2["tokens vs full at 5.000"] == pytest.approx(1)
     assert drop["min to 4.100"] is None and drop["saving at 4.100"] is None  # never reached: a dash in the table
     out = capsys.readouterr().out
-    assert "saving at 5.000 over 2 seeds: mean +38%, range [+25%, +50%]; by its step speed alone: mean +25%" in out
+    assert "saving at 5.000 over 2 seeds: mean +38%, range [+25%, +50%]; by its step speed alone: mean +25%; tokens vs full: mean 0.88x, range [0.75x, 1.00x]" in out
     assert "saving at 4.100 over" not in out  # no seed reached it: no summary line
     # fine-tuning scores saved beside a run (finetune.py --json) become columns: each task's first metric, its median
     ft_runs = [dict(lr=1e-4, seed=s, scores=dict(f1=f, acc=a)) for s, f, a in [(0, 80, 70), (1, 90, 60), (2, 50, 50)]]
