@@ -1059,7 +1059,8 @@ def test_bench_times_runs_to_a_target_loss(tmp_path, capsys):
     assert drop["tokens vs full at 5.000"] == pytest.approx(0.75) and drop2["tokens vs full at 5.000"] == pytest.approx(1)
     assert drop["min to 4.100"] is None and drop["saving at 4.100"] is None  # never reached: a dash in the table
     out = capsys.readouterr().out
-    assert "saving at 5.000 over 2 seeds: mean +38%, range [+25%, +50%]; by its step speed alone: mean +25%; tokens vs full: mean 0.88x, range [0.75x, 1.00x]" in out
+    assert ("saving at 5.000 over 2 seeds: mean +38%, range [+25%, +50%]; by its step speed alone: mean +25%; "
+            "tokens vs full: mean 0.88x, range [0.75x, 1.00x]") in out
     assert "saving at 4.100 over" not in out  # no seed reached it: no summary line
     # fine-tuning scores saved beside a run (finetune.py --json) become columns: each task's first metric, its median
     ft_runs = [dict(lr=1e-4, seed=s, scores=dict(f1=f, acc=a)) for s, f, a in [(0, 80, 70), (1, 90, 60), (2, 50, 50)]]
