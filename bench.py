@@ -23,6 +23,7 @@ import os
 import statistics
 import sys
 import time
+from dataclasses import fields
 
 import numpy as np
 import torch
@@ -30,7 +31,7 @@ from tqdm import tqdm
 
 import train
 from data import CLS, EOT, SEP, VOCAB_SIZE, Batch, example_uniform, mask_tokens, n_masked
-from dropping import kept_count
+from dropping import kept_count, noise_draws
 from finetune import summarize
 from loss import IGNORE
 from model import SIZES
@@ -38,6 +39,7 @@ from model import SIZES
 # Dense bf16/fp16 tensor-core peaks in TFLOP/s (vendor datasheets), looked up by a part of the device name.
 PEAK_TFLOPS = {"H100 80GB HBM3": 989, "H100 SXM": 989, "H100 PCIe": 756, "H200": 989, "A100": 312, "L40S": 362}
 GPU_BATCHES = (64, 32, 16, 8)  # the default batch on a GPU: the largest of these that fits
+BENCH_MODES = ("drop", "sctd", "layerwise")
 
 
 def parse_args(argv=None):
@@ -45,7 +47,11 @@ def parse_args(argv=None):
     p.add_argument("--sizes", nargs="+", choices=list(SIZES), help="model sizes (default: base on GPU, mini on CPU)")
     p.add_argument("--seq_lens", nargs="+", type=int, help="tokens per row, 8..512 (default: 512 on GPU, 128 on CPU)")
     p.add_argument("--batch_size", type=int, help="rows per step (default: the largest of 64/32/16/8 that fits on GPU, 16 on CPU)")
-    p.add_argument("--keep", type=float, default=train.TrainConfig.keep, help="token dropping: fraction of tokens kept, in (0, 1]")
+    p.add_argument("--keep", type=float, nargs="+", default=[train.TrainConfig.keep],
+                   help="token dropping: fractions of tokens kept, in (0, 1]; each gets a row per --modes (default: 0.5)")
+    p.add_argument("--modes", nargs="+", choices=BENCH_MODES, default=["drop", "sctd"], help="the step kinds to time at "
+                   "each --keep beside full: drop (Hou et al.'s layers), sctd (its step and the hybrid average), layerwise "
+                   "(random-LTD's layers: train.py --layerwise)")
     p.add_argument("--position", default=train.TrainConfig.position, choices=train.POSITIONS,
                    help="the model's position scheme, as train.py --position")
     p.add_argument("--norm", default=train.TrainConfig.norm, choices=train.NORMS, help="post- or pre-LN, as train.py --norm")
@@ -62,18 +68,21 @@ def parse_args(argv=None):
                    "the time each took to reach --target_loss, from log.jsonl")
     p.add_argument("--target_loss", type=float, nargs="+", help="--runs: the validation losses to time (default: the "
                    "highest of the runs' best, so that every run reaches it)")
+    p.add_argument("--step_times", help="--runs: a bench.py --json file of the runs' machine and shape: adds each run's "
+                   "modelled minutes to each target (its steps of each kind times bench's median step time of that kind), "
+                   "free of the clock a run happened to have")
     p.add_argument("--plot", help="--runs: also draw validation loss against training time and tokens, and the order "
                    "gap and drift against tokens, into this image (needs matplotlib: pip install matplotlib)")
     return p.parse_args(argv)
 
 
-def synthetic_batch(batch_size, seq_len, index, device):
+def synthetic_batch(batch_size, seq_len, index, device, noise_draws):
     """Random ids in [0, EOT) between [CLS] and [SEP], masked as in training: a Batch of (B, T) and (B, M) tensors."""
     ids = torch.randint(0, EOT, (batch_size, seq_len), generator=torch.Generator().manual_seed(index))
     ids[:, 0], ids[:, -1] = CLS, SEP
     examples = torch.arange(index * batch_size, (index + 1) * batch_size)
     input_ids, positions, targets = mask_tokens(ids, examples, seed=0)
-    noise = example_uniform(0, examples, seq_len, stream=3)
+    noise = example_uniform(0, examples, noise_draws * seq_len, stream=3).view(batch_size, noise_draws, seq_len)
     return Batch(*(t.to(device) for t in (input_ids, positions, targets, noise)))
 
 
@@ -82,7 +91,8 @@ def our_step(cfg, device, autocast, batches):
     model, router, opt, scaler = train.build(cfg, device)
     fwd = torch.compile(model) if cfg.compile else model
     every = cfg.sctd_interval if cfg.mode == "sctd" else 1
-    return lambda r: train.train_step(fwd, router, opt, scaler, [batches[r]], cfg, r * every, cfg.lr, autocast), model
+    k = train.kept_now(cfg, 0)
+    return lambda r: train.train_step(fwd, router, opt, scaler, [batches[r]], cfg, r * every, cfg.lr, k, autocast), model
 
 
 def hf_step(cfg, device, autocast, batches):
@@ -191,59 +201,70 @@ def peak_tflops(device, dtype):
 
 
 def configs(args, run, size, seq_len, batch_size):
-    """{mode: TrainConfig} of one shape, checked as train.py checks its flags."""
-    cfgs = {mode: train.TrainConfig(size=size, mode=mode, seq_len=seq_len, batch_size=batch_size, keep=args.keep,
-                                    position=args.position, norm=args.norm, dtype=run.dtype, compile=run.compile,
-                                    device=run.device, lr=1e-4, warmup=0)
-            for mode in train.MODES}  # lr: any value, the speed does not depend on it
-    for cfg in cfgs.values():
+    """{step kind: TrainConfig} of one shape: full, and at each --keep those of --modes, checked as
+    train.py checks its flags. The kinds are train.step_kind's, the names a run's log counts its steps by."""
+    def config(mode, keep=1.0, layerwise=False):  # lr: any value, the speed does not depend on it
+        cfg = train.TrainConfig(size=size, mode=mode, seq_len=seq_len, batch_size=batch_size, keep=keep,
+                                layerwise=layerwise, position=args.position, norm=args.norm, dtype=run.dtype,
+                                compile=run.compile, device=run.device, lr=1e-4, warmup=0)
         train.check(cfg)
-    return cfgs
+        return cfg
+    modes = [(m, False) for m in ("drop", "sctd") if m in args.modes] + [("drop", True)] * ("layerwise" in args.modes)
+    cfgs = [config("full")] + [config(mode, keep, layerwise) for keep in args.keep for mode, layerwise in modes]
+    return {train.step_kind(cfg, train.kept_now(cfg, 0), cfg.mode == "sctd"): cfg for cfg in cfgs}
 
 
 def shape_rows(args, run, size, seq_len, batch_size, device, autocast):
-    """Times every mode (and the peer) at one shape; returns the table's rows, one dict per mode."""
+    """Times every step kind (and the peer) at one shape; returns the table's rows, one dict per kind."""
     cfgs = configs(args, run, size, seq_len, batch_size)
-    batches = [synthetic_batch(batch_size, seq_len, r, device) for r in range(args.warmup + args.steps)]
+    draws = noise_draws(SIZES[size]["n_layer"], "layerwise" in args.modes)
+    batches = [synthetic_batch(batch_size, seq_len, r, device, draws) for r in range(args.warmup + args.steps)]
     if run.compile:
         torch._dynamo.reset()  # a fresh compilation per shape, never a dynamic-shape graph left by the previous one
     steps, hf_version = {}, None
-    for mode, cfg in cfgs.items():
-        steps[mode], model = our_step(cfg, device, autocast, batches)
+    for kind, cfg in cfgs.items():
+        steps[kind], model = our_step(cfg, device, autocast, batches)
     if args.compare == "hf":
         steps["hf"], hf_version = hf_step(cfgs["full"], device, autocast, batches)
     seconds, spread, memory = time_steps(steps, args.warmup, args.steps, device, f"{size} T={seq_len} B={batch_size}")
 
-    M, k, Fi = n_masked(seq_len), kept_count(args.keep, seq_len), cfgs["sctd"].sctd_interval
+    M, Fi = n_masked(seq_len), cfgs["full"].sctd_interval
 
-    def step_flops(masked, kept=None):  # forward + backward (twice the forward's matmuls)
-        return 3 * model.forward_flops(batch_size, seq_len, masked, kept)
-    flops = dict(full=step_flops(M), drop=step_flops(M, k), sctd=step_flops(M, k) + step_flops(M),
-                 hf=step_flops(seq_len))  # the peer's MLM head runs at all T positions
-    # ScTD's hybrid training: one ScTD step, then Fi-1 token-dropping steps; its memory peak is the ScTD step's
-    for d in (flops, seconds):
-        d["hybrid"] = (d["sctd"] + (Fi - 1) * d["drop"]) / Fi
-    memory["hybrid"], spread["hybrid"] = memory["sctd"], None
+    def step_flops(cfg):  # forward + backward (twice the forward's matmuls); ScTD's step adds a full pass
+        k = train.kept_now(cfg, 0)
+        return 3 * (model.forward_flops(batch_size, seq_len, M, k, cfg.layerwise) +
+                    (cfg.mode == "sctd") * model.forward_flops(batch_size, seq_len, M))
+    flops = {kind: step_flops(cfg) for kind, cfg in cfgs.items()}
+    flops["hf"] = 3 * model.forward_flops(batch_size, seq_len, seq_len)  # the peer's MLM head runs at all T positions
+    names = {}  # row name -> (mode, keep, step kind)
+    for kind, cfg in cfgs.items():
+        mode = "sctd_step" if cfg.mode == "sctd" else cfg.mode + " layerwise" * cfg.layerwise
+        names[kind] = (mode, None if cfg.mode == "full" else cfg.keep, kind)
+        if cfg.mode == "sctd":  # ScTD's hybrid training: one ScTD step, then Fi-1 dropping steps; the ScTD step's memory peak
+            drop, hybrid = kind.replace("sctd", "drop"), kind.replace("sctd", "sctd_hybrid")
+            for d in (flops, seconds):
+                d[hybrid] = (d[kind] + (Fi - 1) * d[drop]) / Fi
+            memory[hybrid], spread[hybrid], names[hybrid] = memory[kind], None, ("sctd_hybrid", cfg.keep, None)
+    names["hf"] = ("hf", None, None)
     peak = peak_tflops(device, run.dtype)
-    labels = dict(full="full", drop="drop", sctd="sctd_step", hybrid="sctd_hybrid", hf="hf")
-    rows = [dict(size=size, seq_len=seq_len, batch_size=batch_size, keep=args.keep, mode=labels[name],
+    rows = [dict(size=size, seq_len=seq_len, batch_size=batch_size, keep=keep, mode=mode, kind=kind,
                  ms_per_step=1e3 * seconds[name], spread=spread[name], tokens_per_s=batch_size * seq_len / seconds[name],
                  speedup=seconds["full"] / seconds[name], flops_speedup=flops["full"] / flops[name],
                  tflops=flops[name] / seconds[name] / 1e12, mfu=peak and flops[name] / seconds[name] / 1e12 / peak,
                  step_gb=memory[name] and memory[name] / 2**30)
-            for name in labels if name in seconds]
+            for name, (mode, keep, kind) in names.items() if name in seconds]
     print_table(rows, device, run.dtype, Fi, hf_version)
     if args.profile:
-        for row, name in zip(rows, labels):
-            if name in steps and name != "hf":
-                kinds, top, syncs = profile_step(steps[name], device)
-                print_profile(f"--size {size} --seq_len {seq_len}, {row['mode']}", kinds, top, syncs, device)
-                row["profile_ms"] = kinds
+        for r in rows:
+            if r["kind"] in steps:
+                kinds, top, syncs = profile_step(steps[r["kind"]], device)
+                print_profile(f"--size {size} --seq_len {seq_len}, {r['kind']}", kinds, top, syncs, device)
+                r["profile_ms"] = kinds
     return rows
 
 
 # (header, row key, format) of the table's columns
-COLUMNS = [("mode", "mode", "{}"), ("ms/step", "ms_per_step", "{:.1f}"), ("IQR", "spread", "{:.0%}"),
+COLUMNS = [("mode", "mode", "{}"), ("keep", "keep", "{:g}"), ("ms/step", "ms_per_step", "{:.1f}"), ("IQR", "spread", "{:.0%}"),
            ("tokens/s", "tokens_per_s", "{:,.0f}"), ("speedup", "speedup", "{:.2f}x"),
            ("FLOPs predict", "flops_speedup", "{:.2f}x"), ("TFLOP/s", "tflops", "{:.3g}"), ("MFU", "mfu", "{:.1%}"),
            ("step GB", "step_gb", "{:.2f}")]
@@ -260,11 +281,12 @@ def print_table(rows, device, dtype, Fi, hf_version):
     """One shape's rows as a markdown table, and the notes a reader needs to read it."""
     first, gpu = rows[0], device.type == "cuda"
     cols = COLUMNS if gpu else COLUMNS[:-2]  # MFU and memory: GPU only
-    print(f"\n--size {first['size']} --seq_len {first['seq_len']} --batch_size {first['batch_size']} --keep {first['keep']}")
+    print(f"\n--size {first['size']} --seq_len {first['seq_len']} --batch_size {first['batch_size']}")
     print_markdown(rows, cols)
     print(f"IQR: the spread of the timed steps (interquartile range / median). "
           f"speedup: measured, over full; FLOPs predict: the same ratio of the matmul FLOPs each step executes. "
-          f"sctd_step: a dropped and a full pass; sctd_hybrid: the average step of ScTD's hybrid training (Fi={Fi}).")
+          f"sctd: the ScTD step, a dropped and a full pass; sctd_hybrid: the average step of ScTD's hybrid training (Fi={Fi}). "
+          f"drop layerwise: random-LTD's schedule, each of layers 1..L-2 on its own kept tokens.")
     if gpu:
         print(f"MFU: against the dense {dtype} peak of the device" if first["mfu"] is not None else
               f"MFU: bench.py knows no dense {dtype} peak for {torch.cuda.get_device_name(device)} (PEAK_TFLOPS: bf16/fp16)")
@@ -369,89 +391,159 @@ def reach(evals, target, key="train_time"):
     return None
 
 
-def label(cfg):
-    """A run's method: its mode, and for dropping modes the router."""
-    return cfg["mode"] if cfg["mode"] == "full" else f"{cfg['mode']} ({cfg['router']} router)"
+TRAIN_DEFAULTS = {f.name: f.default for f in fields(train.TrainConfig)}
+
+
+def train_config(config):
+    """A run's config.json as train.py's TrainConfig (a flag an older run did not record takes its default)."""
+    return train.TrainConfig(**{k: v for k, v in config.items() if k in TRAIN_DEFAULTS})
+
+
+# The flags that say how a run was made, not what it trained: never a method's setting
+NOT_METHOD = {"seed", "data", "data_config", "cache_dir", "max_tokens", "device", "dtype", "compile", "out_dir", "log_every",
+              "eval_every", "eval_iters", "save_every", "resume", "eval_only", "max_bad_steps", "prepare_only", "export",
+              "overwrite", "step_times"}
+DROPPING = {"keep", "router", "importance_beta", "layerwise", "keep_ramp", "full_end", "random_share"}
+SCTD = {"sctd_interval", "sctd_lambda"}
+
+
+def method_settings(config):
+    """A run's method: its config without the seed and the bookkeeping, nor the settings its mode does not use; a
+    setting an older run did not record has train.py's default."""
+    unused = NOT_METHOD | (DROPPING | SCTD if config["mode"] == "full" else SCTD if config["mode"] == "drop" else set())
+    return {k: config.get(k, v) for k, v in TRAIN_DEFAULTS.items() if k not in unused}
+
+
+def method_labels(configs):
+    """A label per run: its mode and router, and every other setting that varies between the runs' methods and is not
+    train.py's default, e.g. "drop (random router, keep 0.25, layerwise)". Runs share a label only if they differ by
+    seed (or bookkeeping) alone."""
+    methods = [method_settings(c) for c in configs]
+    keys = dict.fromkeys(k for m in methods for k in m if k not in ("mode", "router"))
+    varies = [k for k in keys if len({str(m.get(k)) for m in methods}) > 1]
+    labels = []
+    for m in methods:
+        shown = [k if m[k] is True else f"{k} {m[k]:g}" if isinstance(m[k], float) else f"{k} {m[k]}"
+                 for k in varies if k in m and m[k] != TRAIN_DEFAULTS[k]]
+        inner = ", ".join(([f"{m['router']} router"] if "router" in m else []) + shown)
+        labels.append(m["mode"] + (f" ({inner})" if inner else ""))
+    return labels
+
+
+def steps_of_each_kind(config, record):
+    """{step kind: steps} up to an evaluation: logged by train.py since it counts them, else (older runs of one kept
+    count) what the mode implies: every step dropped, or ScTD's every Fi-th from step 0."""
+    if "kinds" in record:
+        return record["kinds"]
+    cfg, done = train_config(config), record["step"] + 1
+    k = train.kept_now(cfg, 0)
+    sctd = -(-done // cfg.sctd_interval) if cfg.mode == "sctd" else 0
+    return {kind: n for kind, n in [(train.step_kind(cfg, k, False), done - sctd), (train.step_kind(cfg, k, True), sctd)] if n}
+
+
+def model_time(run, step_times_file):
+    """Adds "model_time" to each evaluation of a run: the seconds bench.py's step times give its steps so far."""
+    try:
+        seconds = train.read_step_times(step_times_file, train_config(run["config"]))
+    except ValueError as e:
+        raise ValueError(f"--runs {run['name']}: {e}") from None
+    for r in run["evals"]:
+        r["model_time"] = sum(n * seconds[kind] for kind, n in steps_of_each_kind(run["config"], r).items())
 
 
 def compare_runs(args):
     """
     --runs: one row per run (the last evaluation; per target loss, the minutes to reach it and the saving against the
-    full run of the same seed), then each method's saving over the seeds: their mean and range.
+    full run of the same seed, measured and, with --step_times, modelled), then each method's saving over the seeds:
+    their mean and range.
     """
     runs = [read_run(folder) for folder in args.runs]
+    for run, method in zip(runs, method_labels([run["config"] for run in runs])):
+        run["method"] = method
+        if args.step_times:
+            model_time(run, args.step_times)
     targets = args.target_loss or [max(min(r["val_loss"] for r in run["evals"]) for run in runs)]
     full = {run["config"]["seed"]: run for run in runs if run["config"]["mode"] == "full"}
+    clocks = [("", "train_time")] + [("modelled ", "model_time")] * bool(args.step_times)
     rows = []
     for run in runs:
         cfg, last = run["config"], run["evals"][-1]
         peer = full.get(cfg["seed"]) if cfg["mode"] != "full" else None
-        row = dict(run=run["name"], mode=cfg["mode"], router=cfg["router"] if cfg["mode"] != "full" else None,
-                   seed=cfg["seed"], budget_min=cfg.get("time_budget"), steps=last["step"] + 1,
-                   tokens_M=last["tokens"] / 1e6, steps_per_s=(last["step"] + 1) / last["train_time"],
-                   val_loss=last["val_loss"], order_gap=last["val_order_gap"],
-                   drift_kl_local=last.get("drift_kl_local"), drift_kl_global=last.get("drift_kl_global"),
-                   drift_cos_global=last.get("drift_cos_global"))
-        peer_last = peer and peer["evals"][-1]
-        row["speed_vs_full"] = peer and row["steps_per_s"] / ((peer_last["step"] + 1) / peer_last["train_time"])
+        row = dict(run=run["name"], method=run["method"], mode=cfg["mode"], seed=cfg["seed"],
+                   budget_min=cfg.get("time_budget"), steps=last["step"] + 1, tokens_M=last["tokens"] / 1e6,
+                   val_loss=last["val_loss"], order_gap=last["val_order_gap"], drift_kl_local=last.get("drift_kl_local"),
+                   drift_kl_global=last.get("drift_kl_global"), drift_cos_global=last.get("drift_cos_global"))
+        for clock, key in clocks:  # steps per second, and the same over the full run's
+            row[f"{clock}steps/s"] = (last["step"] + 1) / last[key]
+            row[f"{clock}steps/s vs full"] = peer and row[f"{clock}steps/s"] / ((peer["evals"][-1]["step"] + 1) / peer["evals"][-1][key])
         for target in targets:
-            t, t_full = reach(run["evals"], target), peer and reach(peer["evals"], target)
+            for clock, key in clocks:
+                t, t_full = reach(run["evals"], target, key), peer and reach(peer["evals"], target, key)
+                row[f"{clock}min to {target:.3f}"] = None if t is None else t / 60
+                row[f"{clock}saving at {target:.3f}"] = None if not (t and t_full) else 1 - t / t_full
             n, n_full = reach(run["evals"], target, "tokens"), peer and reach(peer["evals"], target, "tokens")
-            row[f"min to {target:.3f}"] = None if t is None else t / 60
-            row[f"saving at {target:.3f}"] = None if not (t and t_full) else 1 - t / t_full
             row[f"tokens vs full at {target:.3f}"] = None if not (n and n_full) else n / n_full
         rows.append(row)
     tasks = sorted({key for run in runs for key in run["scores"]})
     for row, run in zip(rows, runs):
         row.update({key: run["scores"].get(key) for key in tasks})
-    cols = [("run", "run", "{}"), ("mode", "mode", "{}"), ("router", "router", "{}"), ("seed", "seed", "{}"),
-            ("budget (min)", "budget_min", "{:g}"), ("steps", "steps", "{}"), ("tokens", "tokens_M", "{:.2f}M"),
-            ("steps/s", "steps_per_s", "{:.3f}"), ("steps/s vs full", "speed_vs_full", "{:.2f}x"),
-            ("val loss", "val_loss", "{:.3f}"), ("order gap", "order_gap", "{:.3f}"),
-            ("drift KL local", "drift_kl_local", "{:.2e}"), ("drift KL global", "drift_kl_global", "{:.2e}"),
-            ("drift cos global", "drift_cos_global", "{:.4f}")]
+    cols = [("run", "run", "{}"), ("method", "method", "{}"), ("seed", "seed", "{}"), ("budget (min)", "budget_min", "{:g}"),
+            ("steps", "steps", "{}"), ("tokens", "tokens_M", "{:.2f}M")]
+    cols += [(key, key, fmt) for clock, _ in clocks for key, fmt in [(f"{clock}steps/s", "{:.3f}"), (f"{clock}steps/s vs full", "{:.2f}x")]]
+    cols += [("val loss", "val_loss", "{:.3f}"), ("order gap", "order_gap", "{:.3f}"),
+             ("drift KL local", "drift_kl_local", "{:.2e}"), ("drift KL global", "drift_kl_global", "{:.2e}"),
+             ("drift cos global", "drift_cos_global", "{:.4f}")]
     for target in targets:
-        cols += [(f"{what} {target:.3f}", f"{what} {target:.3f}", fmt)
-                 for what, fmt in [("min to", "{:.1f}"), ("saving at", "{:+.0%}"), ("tokens vs full at", "{:.2f}x")]]
+        cols += [(f"{clock}{what} {target:.3f}",) * 2 + (fmt,) for clock, _ in clocks
+                 for what, fmt in [("min to", "{:.1f}"), ("saving at", "{:+.0%}")]]
+        cols.append((f"tokens vs full at {target:.3f}",) * 2 + ("{:.2f}x",))
     print_markdown(rows, cols + [(key, key, "{:.1f}") for key in tasks])
     print("val loss, order gap, drift: the last evaluation. min to X: training minutes (evaluations and compilation not "
           "counted) until the validation loss first reached X, linear between evaluations; saving at X: 1 - that time / "
           "the full run's of the same seed; tokens vs full at X: the tokens it took to reach X over the full run's (the cost "
           "per token, free of the machine's speed); steps/s vs full: the same ratio of steps per second, whose saving "
-          "alone would be 1 - 1 / it." + (" Then the median dev score of each fine-tuning saved beside the run." if tasks else ""))
-    summary = savings_over_seeds(rows, targets)
+          "alone would be 1 - 1 / it." + (" modelled: the same from the run's steps of each kind times the median step "
+          f"time of that kind in {args.step_times}, untouched by the clock the run had." if args.step_times else "")
+          + (" Then the median dev score of each fine-tuning saved beside the run." if tasks else ""))
+    summary = savings_over_seeds(rows, targets, [clock for clock, _ in clocks])
     for line in summary:
-        print(f"{line['method']}, saving at {line['target']:.3f} over {line['seeds']} seeds: mean {line['mean']:+.0%}, "
-              f"range [{line['min']:+.0%}, {line['max']:+.0%}]; by its step speed alone: mean {line['speed_saving']:+.0%}; "
-              f"tokens vs full: mean {line['tokens_ratio']:.2f}x, range [{line['tokens_min']:.2f}x, {line['tokens_max']:.2f}x]")
+        print(f"{line['method']}, saving at {line['target']:.3f} over {line['seeds']} seeds: "
+              + "; ".join(f"{clock}mean {line[clock + 'mean']:+.0%}, range [{line[clock + 'min']:+.0%}, {line[clock + 'max']:+.0%}]; "
+                          f"by its {clock}step speed alone: mean {line[clock + 'speed_saving']:+.0%}" for clock, _ in clocks)
+              + f"; tokens vs full: mean {line['tokens_ratio']:.2f}x, range [{line['tokens_min']:.2f}x, {line['tokens_max']:.2f}x]")
     if args.plot:
-        plot_runs(runs, targets[0], args.plot)
+        plot_runs(runs, targets[0], args.plot, "model_time" if args.step_times else "train_time")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(target_loss=targets, command=" ".join(sys.argv), rows=rows, savings=summary), f, indent=1)
     return rows
 
 
-def savings_over_seeds(rows, targets):
-    """Per method (not full) and target: the savings of its seeds (each against its own full run) and the tokens each
-    needed against its full run's, their mean and range."""
+def savings_over_seeds(rows, targets, clocks):
+    """Per method (not full) and target: the savings of its seeds (each against its own full run; on each clock, "" for
+    the measured, "modelled " for --step_times) and the tokens each needed against its full run's, their mean and range."""
     summary = []
-    for method in dict.fromkeys(label(r) for r in rows if r["mode"] != "full"):
-        mine = [r for r in rows if label(r) == method]
-        speed = [1 - 1 / r["speed_vs_full"] for r in mine if r["speed_vs_full"]]
+    for method in dict.fromkeys(r["method"] for r in rows if r["mode"] != "full"):
+        mine = [r for r in rows if r["method"] == method]
         for target in targets:
             reached = [r for r in mine if r[f"saving at {target:.3f}"] is not None]
-            if reached:
-                savings = [r[f"saving at {target:.3f}"] for r in reached]
-                tokens = [r[f"tokens vs full at {target:.3f}"] for r in reached]
-                summary.append(dict(method=method, target=target, seeds=len(savings), mean=float(np.mean(savings)),
-                                    min=min(savings), max=max(savings), speed_saving=float(np.mean(speed)),
-                                    tokens_ratio=float(np.mean(tokens)), tokens_min=min(tokens), tokens_max=max(tokens)))
+            if not reached:
+                continue
+            tokens = [r[f"tokens vs full at {target:.3f}"] for r in reached]
+            line = dict(method=method, target=target, seeds=len(reached), tokens_ratio=float(np.mean(tokens)),
+                        tokens_min=min(tokens), tokens_max=max(tokens))
+            for clock in clocks:
+                savings = [r[f"{clock}saving at {target:.3f}"] for r in reached]
+                speed = [1 - 1 / r[f"{clock}steps/s vs full"] for r in mine if r[f"{clock}steps/s vs full"]]
+                line.update({clock + "mean": float(np.mean(savings)), clock + "min": min(savings),
+                             clock + "max": max(savings), clock + "speed_saving": float(np.mean(speed))})
+            summary.append(line)
     return summary
 
 
-def plot_runs(runs, target, path):
-    """Validation loss against training minutes and tokens; order gap and semantic drift against tokens. A line per run."""
+def plot_runs(runs, target, path, clock):
+    """Validation loss against training minutes (clock: "train_time" measured, "model_time" modelled) and tokens; order
+    gap and semantic drift against tokens. A line per run."""
     try:
         import matplotlib
     except ImportError:
@@ -460,18 +552,19 @@ def plot_runs(runs, target, path):
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(2, 2, figsize=(11, 8))
     colors, seeds = {}, sorted({run["config"]["seed"] for run in runs})
-    panels = [(0, 0, "train_time", "val_loss"), (0, 1, "tokens", "val_loss"), (1, 0, "tokens", "val_order_gap"),
+    panels = [(0, 0, clock, "val_loss"), (0, 1, "tokens", "val_loss"), (1, 0, "tokens", "val_order_gap"),
               (1, 1, "tokens", "drift_kl_global")]
-    for run in runs:  # a color per mode and router, a line style per seed
-        method = label(run["config"])
+    for run in runs:  # a color per method, a line style per seed
+        method = run["method"]
         style = dict(label=f"{method}, seed {run['config']['seed']}", marker=".", markersize=3,
                      color=colors.setdefault(method, f"C{len(colors)}"),
                      linestyle=["-", "--", ":", "-."][seeds.index(run["config"]["seed"]) % 4])
         for i, j, x, y in panels:
-            points = [(r[x] / (60 if x == "train_time" else 1e6), r[y]) for r in run["evals"] if y in r]
+            points = [(r[x] / (1e6 if x == "tokens" else 60), r[y]) for r in run["evals"] if y in r]
             if points:
                 axes[i, j].plot(*zip(*points), **style)
-    names = dict(train_time="training minutes (evaluations, compilation not counted)", tokens="training tokens (millions)",
+    names = dict(train_time="training minutes (evaluations, compilation not counted)",
+                 model_time="modelled training minutes (steps of each kind x bench.py's step times)", tokens="training tokens (millions)",
                  val_loss="validation MLM loss", val_order_gap="order gap (shuffled rows' loss - loss)",
                  drift_kl_global="drift: KL of [CLS] leaving the encoder, dropped vs full pass")
     for i, j, x, y in panels:

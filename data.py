@@ -347,7 +347,7 @@ class Batch:
     input_ids: torch.Tensor      # (B, T) after masking, [CLS] first, [SEP] last
     mlm_positions: torch.Tensor  # (B, M) the masked positions, increasing
     mlm_targets: torch.Tensor    # (B, M) their original ids, -100 = no target
-    noise: torch.Tensor          # (B, T) uniform draws the router breaks ties with
+    noise: torch.Tensor          # (B, D, T) uniform draws the router breaks ties with (D: one per layerwise layer, else 1)
 
 
 def shuffle_order(batch, seed):
@@ -368,8 +368,9 @@ def shuffle_order(batch, seed):
 class Batches:
     """Rows of T tokens: [CLS] + T-2 tokens of the packed stream (across documents) + [SEP]."""
 
-    def __init__(self, tokens, seq_len, seed, device, mask_rate=MASK_PROB):
+    def __init__(self, tokens, seq_len, seed, device, mask_rate=MASK_PROB, noise_draws=1):
         self.tokens, self.seq_len, self.seed, self.device, self.mask_rate = tokens, seq_len, seed, device, mask_rate
+        self.noise_draws = noise_draws
         self.n_rows = len(tokens) // (seq_len - 2)
         self._order = (None, None)
 
@@ -389,4 +390,6 @@ class Batches:
         if self.device.type == "cuda":
             ids, ex = ids.pin_memory().to(self.device, non_blocking=True), ex.to(self.device, non_blocking=True)
         input_ids, positions, targets = mask_tokens(ids, ex, self.seed, self.mask_rate)
-        return Batch(input_ids, positions, targets, example_uniform(self.seed, ex, self.seq_len, stream=3))
+        # the first draw is the same whatever the number of draws: a run's kept tokens do not depend on it
+        noise = example_uniform(self.seed, ex, self.noise_draws * self.seq_len, stream=3)
+        return Batch(input_ids, positions, targets, noise.view(len(rows), self.noise_draws, self.seq_len))

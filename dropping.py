@@ -5,6 +5,10 @@ The middle layers of the encoder process only the k = int(keep * T) most "import
 each row. A token's importance is a running average of the masked-LM loss of its vocabulary id:
 ids the model still finds hard to predict are kept, easy ones are dropped. The last layer sees the
 whole sequence again, so every position still gets a representation (and an MLM prediction).
+
+Also here, the levers tried beside it (docs/which-dropping.md): random-LTD's layerwise schedule (Yao et al. 2022),
+where every layer but the first and the last runs on its own random subset; a kept count that grows over training;
+and a router that keeps part of its budget at random.
 """
 import torch
 import torch.distributed as dist
@@ -15,17 +19,27 @@ FULL = "full"          # [0, L/2-1): all tokens
 FIRST = "first"        # L/2-1: queries = kept tokens, keys/values = all tokens
 DROPPED = "dropped"    # [L/2, L-1): kept tokens attend to kept tokens only
 LAST = "last"          # L-1: dropped tokens rejoin with the state they had before layer L/2-1
+# random-LTD (Yao et al. 2022, §3): layers 1..L-2 each run on their own kept tokens (attending among themselves);
+# the others bypass the layer unchanged and rejoin for the next one. Layers 0 and L-1 see all tokens.
+LAYERWISE = "layerwise"
 
 
-def layer_schedule(n_layer, dropping=True):
-    """The stage of each layer, e.g. L=12: 5x full, first, 5x dropped, last (all full without dropping)."""
+def layer_schedule(n_layer, dropping=True, layerwise=False):
+    """The stage of each layer, e.g. L=12: 5x full, first, 5x dropped, last; layerwise: full, 10x layerwise, full."""
     if not dropping:
         return [FULL] * n_layer
-    if n_layer < 2:
-        raise ValueError(f"token dropping needs at least 2 layers (a first dropping layer and a "
-                         f"last layer), the model has {n_layer}; pick a larger --size")
+    if n_layer < 2 + layerwise:
+        raise ValueError(f"token dropping needs at least {2 + layerwise} layers, the model has {n_layer}; "
+                         "pick a larger --size")
+    if layerwise:
+        return [FULL] + [LAYERWISE] * (n_layer - 2) + [FULL]
     first = n_layer // 2 - 1
     return [FULL] * first + [FIRST] + [DROPPED] * (n_layer - first - 2) + [LAST]
+
+
+def noise_draws(n_layer, layerwise):
+    """How many (B, T) tie-breaking draws a row needs: one per layerwise layer, else one."""
+    return n_layer - 2 if layerwise else 1
 
 
 def gather_tokens(x, idx):
@@ -41,6 +55,25 @@ def scatter_tokens(x_all, idx, x_kept):
 def kept_count(keep, seq_len):
     """The static number of kept tokens per row (one graph for torch.compile)."""
     return int(keep * seq_len)
+
+
+KEEP_STEP = 16  # a growing kept count moves in steps of 16 tokens (random-LTD's default): few shapes, few graphs
+
+
+def scheduled_count(progress, keep, seq_len, ramp=0.0, full_end=0.0):
+    """
+    The kept count at a point of training, progress in [0, 1] of the budget (steps, or time under a time budget).
+    ramp > 0: it grows linearly from kept_count(keep) to all seq_len tokens over the first `ramp` of the budget
+    (random-LTD's schedule), rounded down to a multiple of KEEP_STEP above the start; full_end > 0: the last
+    `full_end` of the budget keeps every token. Returns seq_len for a full-sequence step.
+    """
+    start = kept_count(keep, seq_len)
+    if progress >= 1 - full_end:
+        return seq_len
+    if ramp <= 0:
+        return start
+    grown = (seq_len - start) * min(1.0, progress / ramp)
+    return min(seq_len, start + int(grown // KEEP_STEP) * KEEP_STEP)
 
 
 ROUTERS = ("loss", "random", "frequency")
@@ -75,13 +108,19 @@ class Router(nn.Module):
         self.register_buffer("count", torch.zeros(vocab_size), persistent=False)
 
     @torch.no_grad()
-    def select(self, input_ids, k, noise):
+    def select(self, input_ids, k, noise, n_random=0):
         """
         input_ids: (B, T) after masking; noise: (B, T) uniform draws that break ties at random.
+        n_random: that many of the k are drawn at random among the ordinary tokens, the rest by importance (the
+        top-k plus random picks TF Model Garden's routing layer offers); the allow list still comes first.
         Returns keep_idx: (B, k), the kept positions of each row in increasing order.
         """
         perm = noise.argsort(dim=1)  # a random order of the positions of each row
         score = self.importance[input_ids].gather(1, perm)
+        if n_random:  # the first n_random ordinary tokens of the random order rank with the allow list
+            ordinary = self.learned[input_ids].gather(1, perm)
+            lucky = ordinary & (ordinary.cumsum(dim=1) <= n_random)
+            score = torch.where(lucky, torch.finfo(torch.float32).max, score)
         # a stable sort of randomly permuted scores = highest importance first, ties in random order
         top = score.sort(dim=1, descending=True, stable=True).indices[:, :k]
         return perm.gather(1, top).sort(dim=1).values

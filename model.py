@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dropping import DROPPED, FIRST, FULL, LAST, gather_tokens, layer_schedule, scatter_tokens
+from dropping import DROPPED, FIRST, FULL, LAST, LAYERWISE, gather_tokens, layer_schedule, scatter_tokens
 
 
 @dataclass
@@ -149,7 +149,8 @@ class Bert(nn.Module):
 
     def encode(self, input_ids, token_type_ids=None, attn_mask=None, keep_idx=None):
         """
-        input_ids: (B, T). keep_idx: (B, k) kept positions -> run the token-dropping schedule.
+        input_ids: (B, T). keep_idx: (B, k) kept positions -> run Hou et al.'s token-dropping schedule;
+        (L-2, B, k): each middle layer's own kept positions -> random-LTD's layerwise schedule.
         attn_mask: (B, T) bool, True at real tokens (fine-tuning only; pretraining rows are packed).
         Returns (h_last_in, h_out), both (B, T, C): the hidden state entering the last layer, and
         the final one. ScTD's local and global semantic constraints read their [CLS] rows; under
@@ -166,16 +167,21 @@ class Bert(nn.Module):
         x = self.drop(self.emb_ln(x))
         if attn_mask is not None:
             attn_mask = attn_mask[:, None, None, :]
-        schedule = layer_schedule(self.cfg.n_layer, dropping=keep_idx is not None)
-        for layer, stage in zip(self.layers, schedule):
+        layerwise = keep_idx is not None and keep_idx.dim() == 3
+        schedule = layer_schedule(self.cfg.n_layer, dropping=keep_idx is not None, layerwise=layerwise)
+        for i, (layer, stage) in enumerate(zip(self.layers, schedule)):
             if stage == FIRST:  # kept tokens query all tokens; the rest wait here until the last layer
                 x_all, x = x, layer(x, all_pos, query_idx=keep_idx)
                 pos = keep_idx  # the kept tokens keep their original positions
                 continue
             if stage == LAST:
                 x, pos = scatter_tokens(x_all, keep_idx, x), all_pos
-            h_last_in = x
-            x = layer(x, pos, attn_mask=attn_mask)
+            if stage == LAYERWISE:  # this layer's kept tokens run it at their own positions; the rest bypass it
+                idx = keep_idx[i - 1]
+                x = scatter_tokens(x, idx, layer(gather_tokens(x, idx), idx))
+            else:
+                h_last_in = x
+                x = layer(x, pos, attn_mask=attn_mask)
         return self.ln_f(h_last_in), self.ln_f(x)
 
     def mlm_logits(self, h, positions):
@@ -189,10 +195,11 @@ class Bert(nn.Module):
         h_last_in, h_out = self.encode(input_ids, keep_idx=keep_idx)
         return self.mlm_logits(h_out, mlm_positions), h_last_in, h_out
 
-    def forward_flops(self, batch_size, seq_len, n_masked, n_kept=None):
+    def forward_flops(self, batch_size, seq_len, n_masked, n_kept=None, layerwise=False):
         """
         Matmul FLOPs of one forward pass as executed (2 per multiply-add), n_masked predictions per
-        row; n_kept tokens per row in the middle layers when dropping. A training step is ~3x this.
+        row; n_kept tokens per row in the middle layers when dropping (in layers 1..L-2 if layerwise).
+        A training step is ~3x this.
         """
         C, T, V = self.cfg.n_embd, seq_len, self.cfg.vocab_size
 
@@ -200,9 +207,9 @@ class Bert(nn.Module):
             return 2 * n_kv * C * 3 * C + 4 * n_q * n_kv * C + 2 * n_q * C * C + 16 * n_q * C * C
 
         k = n_kept
-        queries = {FULL: T, FIRST: k, DROPPED: k, LAST: T}
-        keys = {FULL: T, FIRST: T, DROPPED: k, LAST: T}
-        schedule = layer_schedule(self.cfg.n_layer, dropping=k is not None)
+        queries = {FULL: T, FIRST: k, DROPPED: k, LAST: T, LAYERWISE: k}
+        keys = {FULL: T, FIRST: T, DROPPED: k, LAST: T, LAYERWISE: k}
+        schedule = layer_schedule(self.cfg.n_layer, dropping=k is not None, layerwise=layerwise)
         per_row = sum(layer(queries[s], keys[s]) for s in schedule)
         head = 2 * n_masked * C * C + 2 * n_masked * C * V
         return batch_size * (per_row + head)

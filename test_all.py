@@ -28,7 +28,7 @@ import bench  # noqa: E402
 import data  # noqa: E402
 import finetune  # noqa: E402
 import train  # noqa: E402
-from dropping import FIRST, LAST, Router, layer_schedule  # noqa: E402
+from dropping import FIRST, LAST, LAYERWISE, Router, layer_schedule, scheduled_count  # noqa: E402
 from loss import cls_kl, mlm_loss, sctd_loss  # noqa: E402
 from model import (NORMS, POSITIONS, SIZES, Bert, BertConfig, SelfAttention, from_transformers, rotate,  # noqa: E402
                    to_transformers)
@@ -151,7 +151,7 @@ def test_sctd_reads_states_through_the_same_final_layernorm(cache, norm):
     model.layers[-1].register_forward_pre_hook(lambda m, a: seen.__setitem__("last_in", a[0]))
     model.layers[-1].register_forward_hook(lambda m, a, out: seen.__setitem__("out", out))
     router = Router(data.VOCAB_SIZE, data.SPECIAL_IDS, data.PAD, data.CLS)
-    for keep_idx in (None, router.select(b.input_ids, 32, b.noise)):
+    for keep_idx in (None, router.select(b.input_ids, 32, b.noise[:, 0])):
         with torch.no_grad():
             _, h_last_in, h_out = model(b.input_ids, b.mlm_positions, keep_idx)
         assert torch.allclose(h_last_in, model.ln_f(seen["last_in"])) and torch.allclose(h_out, model.ln_f(seen["out"]))
@@ -162,7 +162,7 @@ def test_drop_path_compiles_and_matches_eager(cache):
     model = tiny_model(n_layer=4)
     b = real_batch(cache)
     router = Router(data.VOCAB_SIZE, data.SPECIAL_IDS, data.PAD, data.CLS)
-    keep_idx = router.select(b.input_ids, 32, b.noise)
+    keep_idx = router.select(b.input_ids, 32, b.noise[:, 0])
     compiled = torch.compile(model)
     with torch.no_grad():
         eager = model(b.input_ids, b.mlm_positions, keep_idx)
@@ -180,6 +180,17 @@ def test_layer_schedule():
     assert layer_schedule(2) == ["first", "last"]
     with pytest.raises(ValueError, match="at least 2 layers"):
         layer_schedule(1)
+    # random-LTD: every layer but the first and the last on its own kept tokens
+    assert layer_schedule(12, layerwise=True) == ["full"] + ["layerwise"] * 10 + ["full"]
+    with pytest.raises(ValueError, match="at least 3 layers"):
+        layer_schedule(2, layerwise=True)
+
+
+def test_keep_schedule_hand_computed():
+    # T=128, keep 0.25: 32 kept, growing to 128 over the first half of the budget in steps of 16 tokens (0.1: 32 + 19.2)
+    assert [scheduled_count(p, 0.25, 128, ramp=0.5) for p in (0, 0.1, 0.25, 0.4, 0.5, 0.9)] == [32, 48, 80, 96, 128, 128]
+    # fixed keep, then the last 10% of the budget on the full sequence
+    assert [scheduled_count(p, 0.5, 128, full_end=0.1) for p in (0, 0.5, 0.89, 0.9, 1.0)] == [64, 64, 64, 128, 128]
 
 
 @pytest.mark.parametrize("position,norm", VARIANTS)
@@ -195,6 +206,63 @@ def test_keep_all_equals_full_path(cache, position, norm):
         assert (a - c).abs().max() < 1e-5
 
 
+@pytest.mark.parametrize("position", POSITIONS)
+def test_layerwise_keeping_all_equals_full_path(cache, position):
+    model = tiny_model(n_layer=4, position=position)
+    b = real_batch(cache)
+    B, T = b.input_ids.shape
+    every_layer = torch.arange(T).expand(2, B, -1)  # (L-2, B, T): layers 1 and 2 keep everything
+    with torch.no_grad():
+        for a, c in zip(model(b.input_ids, b.mlm_positions), model(b.input_ids, b.mlm_positions, every_layer)):
+            assert (a - c).abs().max() < 1e-5
+
+
+def test_layerwise_bypassed_tokens_skip_only_their_layer(cache):
+    """Layer 1 keeps the first half of each row, layer 2 the second: a token bypasses one middle layer, runs the other."""
+    model = tiny_model(n_layer=4)
+    b = real_batch(cache)
+    B, T = b.input_ids.shape
+    seen = {}
+    for i in range(4):
+        model.layers[i].register_forward_hook(lambda m, a, out, i=i: seen.__setitem__(i, (a[0], out)))
+    halves = torch.arange(T).view(2, 1, T // 2).expand(2, B, -1)
+    with torch.no_grad():
+        _, h_last_in, _ = model(b.input_ids, b.mlm_positions, halves)
+    first, second = slice(0, T // 2), slice(T // 2, T)
+    assert seen[1][0].shape == seen[2][0].shape == (B, T // 2, 128)  # the middle layers ran on their half only
+    # after layer 0: the second half bypasses layer 1 and enters layer 2 unchanged; the first half bypasses layer 2
+    assert torch.equal(seen[2][0], seen[0][1][:, second])
+    assert torch.equal(h_last_in[:, first], seen[1][1])
+    assert torch.equal(h_last_in[:, second], seen[2][1])
+
+
+def test_layerwise_draws_a_subset_per_layer_and_keeps_the_specials(cache):
+    b = real_batch(cache, seq_len=64)
+    b = data.Batches(data.load_tokens(data.cache_folder(CORPUS, None, cache, None), "train"), 64, 0,
+                     torch.device("cpu"), noise_draws=4).get(np.arange(4))
+    assert b.noise.shape == (4, 4, 64)
+    assert torch.equal(b.noise[:, 0], real_batch(cache, seq_len=64).noise[:, 0])  # the first draw: as without layerwise
+    cfg = train.TrainConfig(size="medium", mode="drop", router="random", layerwise=True, seq_len=64)
+    router = Router(data.VOCAB_SIZE, data.SPECIAL_IDS, data.PAD, data.CLS, kind="random")
+    keep_idx = train.kept_positions(router, b, cfg, 32)
+    assert keep_idx.shape == (4, 4, 32)
+    kept = [set(layer[0].tolist()) for layer in keep_idx]
+    assert len({frozenset(k) for k in kept}) == 4  # four layers, four subsets
+    special = {i for i, t in enumerate(b.input_ids[0].tolist()) if t in data.SPECIAL_IDS}
+    assert special and all(special <= k for k in kept)
+
+
+def test_random_share_keeps_the_specials_and_part_of_the_budget_at_random():
+    router = Router(data.VOCAB_SIZE, data.SPECIAL_IDS, data.PAD, data.CLS)
+    router.importance[100:108] = torch.arange(8.0)  # id 107 the most important
+    ids = torch.tensor([[data.CLS] + list(range(100, 108)) + [data.SEP]])
+    draws = [torch.rand(1, 10, generator=torch.Generator().manual_seed(s)) for s in range(50)]
+    assert {tuple(router.select(ids, 5, n)[0].tolist()) for n in draws} == {(0, 6, 7, 8, 9)}  # top-3 by importance
+    picks = [set(router.select(ids, 5, n, n_random=2)[0].tolist()) for n in draws]
+    assert all(len(p) == 5 and {0, 9, 8} <= p for p in picks)  # specials, and 107: random or the top of the rest
+    assert set.union(*picks) == set(range(10))  # every token is kept sometimes
+
+
 def test_dropped_tokens_rejoin_unchanged(cache):
     model = tiny_model(n_layer=6)
     b = real_batch(cache)
@@ -203,7 +271,7 @@ def test_dropped_tokens_rejoin_unchanged(cache):
     model.layers[first].register_forward_pre_hook(lambda m, a: seen.__setitem__("first_in", a[0]))
     model.layers[last].register_forward_pre_hook(lambda m, a: seen.__setitem__("last_in", a[0]))
     router = Router(data.VOCAB_SIZE, data.SPECIAL_IDS, data.PAD, data.CLS)
-    keep_idx = router.select(b.input_ids, 32, b.noise)
+    keep_idx = router.select(b.input_ids, 32, b.noise[:, 0])
     with torch.no_grad():
         model(b.input_ids, b.mlm_positions, keep_idx)
     dropped = torch.ones_like(b.input_ids, dtype=torch.bool).scatter(1, keep_idx, False)
@@ -413,9 +481,9 @@ def test_sctd_full_pass_exactly_every_interval(cache, tmp_path, monkeypatch):
             full_passes.append(steps[-1])
         return forward(self, input_ids, mlm_positions, keep_idx)
 
-    def recording_step(model, router, opt, scaler, batches, cfg, step, lr, autocast):
+    def recording_step(model, router, opt, scaler, batches, cfg, step, lr, k, autocast):
         steps.append(step)
-        return step_fn(model, router, opt, scaler, batches, cfg, step, lr, autocast)
+        return step_fn(model, router, opt, scaler, batches, cfg, step, lr, k, autocast)
 
     monkeypatch.setattr(Bert, "forward", counting_forward)
     monkeypatch.setattr(train, "train_step", recording_step)
@@ -470,13 +538,43 @@ def test_time_budget_ends_the_run_and_decays_the_lr_over_it(cache, tmp_path, mon
     # warm-up over 2 steps, then linear in the time trained: 1 s (the end of warm-up) -> lr, 6 s -> 0
     expected = [5e-4, 1e-3] + [1e-3 * (6 - 0.5 * s) / (6 - 1) for s in range(2, 12)]
     assert [r["lr"] for r in log] == pytest.approx(expected)
-    assert torch.load(tmp_path / "a" / "ckpt.pt", weights_only=True)["clock"] == dict(train_time=6.0, warmup_end=1.0)
+    assert torch.load(tmp_path / "a" / "ckpt.pt", weights_only=True)["clock"] == dict(train_time=6.0, warmup_end=1.0, kinds=dict(full=12))
     (tmp_path / "b").mkdir()  # resumed from step 8, the clock goes on from 4 s: the same lr to the end
     shutil.copy(tmp_path / "a" / "ckpt_prev.pt", tmp_path / "b" / "ckpt.pt")
     resumed = run_train(tmp_path / "b", cache, *args, "--resume")
     assert [r["step"] for r in resumed] == list(range(8, 12))
     assert [r["lr"] for r in resumed] == pytest.approx(expected[8:])
     assert [r["loss"] for r in resumed] == pytest.approx([r["loss"] for r in log[8:]], abs=1e-5)
+
+
+def step_times_file(path, **ms):
+    """A bench.py --json file with the given milliseconds per step kind, at run_train's shape with --seq_len 64 --size mini."""
+    rows = [dict(size="mini", seq_len=64, batch_size=4, kind=kind.replace("_", " ").replace("k ", "k="), ms_per_step=t)
+            for kind, t in ms.items()]
+    path.write_text(json.dumps(dict(rows=rows)))
+    return str(path)
+
+
+def test_keep_schedule_on_the_modelled_clock_and_its_resume(cache, tmp_path):
+    times = step_times_file(tmp_path / "steps.json", full=4000, drop_k_16_layerwise=1000, drop_k_32_layerwise=2000,
+                            drop_k_48_layerwise=3000)
+    args = ["--size", "mini", "--seq_len", 64, "--mode", "drop", "--router", "random", "--layerwise", "--keep", 0.25,
+            "--keep_ramp", 1.0, "--full_end", 0.2, "--time_budget", 0.5, "--warmup", 2, "--step_times", times,
+            "--eval_every", 100, "--save_every", 7, "--dropout", 0.1]
+    log = run_train(tmp_path / "a", cache, *args)
+    # 30 s of budget; 16 kept tokens, 32 from 10 s (a third of the ramp: 16 + 48/3), 48 from 20 s, all from 24 s
+    kinds = ["drop k=16 layerwise"] * 10 + ["drop k=32 layerwise"] * 5 + ["drop k=48 layerwise"] * 2 + ["full"]
+    assert [r["kind"] for r in log] == kinds
+    assert [r["train_time"] for r in log] == list(range(1, 11)) + [12, 14, 16, 18, 20, 23, 26, 30]
+    assert log[-1]["kinds"] == {"drop k=16 layerwise": 10, "drop k=32 layerwise": 5, "drop k=48 layerwise": 2, "full": 1}
+    (tmp_path / "b").mkdir()  # resumed from the step-14 checkpoint, in the middle of the 32-token stage
+    shutil.copy(tmp_path / "a" / "ckpt_prev.pt", tmp_path / "b" / "ckpt.pt")
+    resumed = run_train(tmp_path / "b", cache, *args, "--resume")
+    assert [r["kind"] for r in resumed] == kinds[14:] and resumed[-1]["kinds"] == log[-1]["kinds"]
+    assert [r["loss"] for r in resumed] == pytest.approx([r["loss"] for r in log[14:]], abs=1e-5)
+    # the loss router with a random share of its budget trains, and its table learns
+    run_train(tmp_path / "c", cache, "--seq_len", 64, "--mode", "drop", "--random_share", 0.25, "--steps", 3)
+    assert (torch.load(tmp_path / "c" / "ckpt.pt", weights_only=True)["router"]["importance"][:50000] != 10).any()
 
 
 def test_time_budget_does_not_count_compilation(cache, tmp_path, monkeypatch):
@@ -1005,7 +1103,7 @@ def test_bench_smoke():
     rows = bench.benchmark(bench.parse_args(["--sizes", "tiny", "--seq_lens", "32", "--batch_size", "2",
                                              "--steps", "2", "--warmup", "1"]))
     assert [r["mode"] for r in rows] == ["full", "drop", "sctd_step", "sctd_hybrid"]
-    fields = {"size", "seq_len", "batch_size", "keep", "mode", "ms_per_step", "spread", "tokens_per_s", "speedup",
+    fields = {"size", "seq_len", "batch_size", "keep", "mode", "kind", "ms_per_step", "spread", "tokens_per_s", "speedup",
               "flops_speedup", "tflops", "mfu", "step_gb"}  # mfu, step_gb: None on CPU
     for r in rows:
         assert set(r) == fields and r["ms_per_step"] > 0 and r["tokens_per_s"] > 0 and r["tflops"] > 0
@@ -1024,14 +1122,14 @@ def test_bench_profile_sorts_a_step_into_kinds_of_work():
     assert full["sort/top-k (router)"] == 0 < drop["sort/top-k (router)"]  # the router sorts only when tokens drop
 
 
-def fake_run(folder, mode, evals, seed=1337):
-    """A finished run as bench.py --runs reads it: config.json and log.jsonl's evaluations."""
+def fake_run(folder, mode, evals, seed=1337, kinds=(), **config):
+    """A finished run as bench.py --runs reads it: config.json and log.jsonl's evaluations (with their steps of each kind)."""
     folder.mkdir()
-    (folder / "config.json").write_text(json.dumps(dict(mode=mode, router="loss", seed=seed, time_budget=0.5)))
+    (folder / "config.json").write_text(json.dumps(dict(dict(mode=mode, router="loss", seed=seed, time_budget=0.5), **config)))
     with open(folder / "log.jsonl", "w") as f:
-        for step, seconds, val_loss in evals:
+        for (step, seconds, val_loss), k in zip(evals, kinds or [None] * len(evals)):
             f.write(json.dumps(dict(step=step, loss=7.0, train_time=seconds, tokens=(step + 1) * 100, val_loss=val_loss,
-                                    val_order_gap=1.0)) + "\n")
+                                    val_order_gap=1.0, **(dict(kinds=k) if k else {}))) + "\n")
 
 
 def test_bench_times_runs_to_a_target_loss(tmp_path, capsys):
@@ -1045,8 +1143,8 @@ def test_bench_times_runs_to_a_target_loss(tmp_path, capsys):
     assert full["min to 4.200"] * 60 == pytest.approx(28) and drop["min to 4.200"] * 60 == pytest.approx(30)
     assert drop["saving at 4.200"] == pytest.approx(1 - 30 / 28) and full["saving at 4.200"] is None
     assert drop["tokens vs full at 4.200"] == pytest.approx(3000 / 2800)  # 100 tokens a step: at 4.2, 3000 against 2800
-    assert (drop["steps"], drop["tokens_M"], drop["steps_per_s"], drop["val_loss"]) == (30, 3e-3, 1.0, 4.2)
-    assert drop["speed_vs_full"] == pytest.approx(1.0)  # 30 steps in 30 s, as full's 30 in 30 s
+    assert (drop["steps"], drop["tokens_M"], drop["steps/s"], drop["val_loss"]) == (30, 3e-3, 1.0, 4.2)
+    assert drop["steps/s vs full"] == pytest.approx(1.0)  # 30 steps in 30 s, as full's 30 in 30 s
     # several targets; a second seed, whose drop run is twice as fast a step: savings per seed, then mean and range
     fake_run(tmp_path / "full2", "full", [(9, 10, 6.0), (19, 20, 5.0)], seed=7)
     fake_run(tmp_path / "drop2", "drop", [(19, 10, 5.0)], seed=7)
@@ -1055,7 +1153,7 @@ def test_bench_times_runs_to_a_target_loss(tmp_path, capsys):
     full, drop, _, drop2 = bench.compare_runs(bench.parse_args(["--runs", *runs, "--target_loss", "5.0", "4.1"]))
     assert full["min to 5.000"] * 60 == pytest.approx(20) and drop["min to 5.000"] * 60 == pytest.approx(15)
     assert drop["saving at 5.000"] == pytest.approx(0.25) and drop2["saving at 5.000"] == pytest.approx(0.5)
-    assert drop2["speed_vs_full"] == pytest.approx(2.0)
+    assert drop2["steps/s vs full"] == pytest.approx(2.0)
     assert drop["tokens vs full at 5.000"] == pytest.approx(0.75) and drop2["tokens vs full at 5.000"] == pytest.approx(1)
     assert drop["min to 4.100"] is None and drop["saving at 4.100"] is None  # never reached: a dash in the table
     out = capsys.readouterr().out
@@ -1081,6 +1179,35 @@ def test_bench_times_runs_to_a_target_loss(tmp_path, capsys):
     assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_bench_models_time_from_step_kinds_and_tells_methods_apart(tmp_path, capsys):
+    shape = dict(size="mini", seq_len=64, batch_size=4)
+    times = step_times_file(tmp_path / "steps.json", full=2000, drop_k_32=1000, drop_k_16=500, drop_k_48=1500,
+                            sctd_k_32=3000)
+    fake_run(tmp_path / "full", "full", [(9, 10, 6.0), (19, 20, 5.0)], **shape)
+    # older runs logged no kinds: every step is the mode's (ScTD: steps 0, 2, 4, ... its own kind, Fi = 2)
+    fake_run(tmp_path / "drop", "drop", [(9, 5, 6.0), (19, 10, 5.0)], router="random", **shape)
+    fake_run(tmp_path / "sctd", "sctd", [(19, 20, 5.0)], sctd_interval=2, **shape)
+    # one seed, another keep: its own method, whose clock ran slow (10 s) where its steps model 4 x 0.5 + 6 x 2 s
+    fake_run(tmp_path / "quarter", "drop", [(9, 10, 5.0)], router="random", keep=0.25, keep_ramp=0.5,
+             kinds=[{"drop k=16": 4, "full": 6}], **shape)
+    runs = [str(tmp_path / name) for name in ("full", "drop", "sctd", "quarter")]
+    full, drop, sctd, quarter = bench.compare_runs(bench.parse_args(["--runs", *runs, "--target_loss", "5.0",
+                                                                     "--step_times", times]))
+    assert [r["method"] for r in (full, drop, sctd, quarter)] == [
+        "full", "drop (random router)", "sctd (loss router, sctd_interval 2)", "drop (random router, keep 0.25, keep_ramp 0.5)"]
+    assert full["modelled min to 5.000"] * 60 == 40 and drop["modelled min to 5.000"] * 60 == 20
+    assert sctd["modelled min to 5.000"] * 60 == 10 * 3 + 10 * 1  # 10 ScTD steps and 10 dropping steps
+    assert quarter["modelled min to 5.000"] * 60 == 4 * 0.5 + 6 * 2
+    assert quarter["modelled saving at 5.000"] == pytest.approx(1 - 14 / 40) and quarter["saving at 5.000"] == 0.5
+    assert drop["modelled steps/s vs full"] == pytest.approx(2.0)
+    out = capsys.readouterr().out
+    assert "drop (random router, keep 0.25, keep_ramp 0.5), saving at 5.000 over 1 seeds: mean +50%" in out
+    assert "modelled mean +65%, range [+65%, +65%]" in out
+    fake_run(tmp_path / "layerwise", "drop", [(9, 10, 5.0)], router="random", layerwise=True, **shape)
+    with pytest.raises(ValueError, match="no time for drop k=32 layerwise"):
+        bench.compare_runs(bench.parse_args(["--runs", str(tmp_path / "layerwise"), "--step_times", times]))
+
+
 # ------------------------------------------------------------------------------------------------
 # Bad input, every entry point: one line naming the flag, a non-zero exit, nothing written
 
@@ -1100,6 +1227,11 @@ BAD_TRAIN_INPUT = [
     (["--mode", "drop", "--mask_rate", "0.6"], "--keep"),  # 76 masked tokens do not fit in the 64 kept
     (["--time_budget", "0", "--warmup", "5"], "--time_budget"),
     (["--time_budget", "60"], "--warmup"),
+    (["--mode", "drop", "--layerwise"], "--layerwise"),  # tiny has no layer between its first and last
+    (["--mode", "drop", "--keep_ramp", "1.5"], "--keep_ramp"),
+    (["--mode", "drop", "--full_end", "1"], "--full_end"),
+    (["--mode", "drop", "--random_share", "0.8"], "--random_share"),  # 51 of 64 kept at random: the 21 always kept do not fit
+    (["--step_times", "no/such/bench.json"], "--step_times"),
     (["--resume", "--out_dir", "/nonexistent/out"], "--resume"),
 ]
 

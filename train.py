@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from data import (CLS, DEFAULT_CONFIG, DEFAULT_DATA, MASK_PROB, PAD, SPECIAL_IDS, VOCAB_SIZE, Batches, cache_folder,
                   load_tokens, n_masked, prepare, shuffle_order, transformers_tokenizer)
-from dropping import ROUTERS, Router, kept_count
+from dropping import ROUTERS, Router, kept_count, noise_draws, scheduled_count
 from loss import mlm_loss, sctd_loss, semantic_drift
 from model import NORMS, POSITIONS, SIZES, Bert, BertConfig, from_transformers, to_transformers
 
@@ -71,6 +71,14 @@ class TrainConfig:
                          "that see each token about once: docs/recipe.md; finetune.py uses its own)")
     keep: float = arg(0.5, "token dropping: fraction of tokens the middle layers keep, in (0, 1]")
     router: str = arg("loss", "which tokens are kept: loss (Hou et al.), random or frequency (ablations)", choices=ROUTERS)
+    layerwise: bool = arg(False, "random-LTD's layer schedule (Yao et al. 2022) instead of Hou et al.'s: every layer but "
+                          "the first and the last runs on its own --keep share of the tokens, drawn anew for each layer "
+                          "(use --router random), the others bypass it", action="store_true")
+    keep_ramp: float = arg(0.0, "the kept share grows linearly from --keep to 1 over this fraction of the budget (of "
+                           "--time_budget, else of --steps), in steps of 16 tokens, as random-LTD's schedule; 0: fixed")
+    full_end: float = arg(0.0, "the last fraction of the budget trains on the full sequence (every token in every layer)")
+    random_share: float = arg(0.0, "share of the kept tokens drawn at random among the ordinary tokens, the rest chosen "
+                              "by --router (top-k plus random picks, as TF Model Garden's routing layer offers)")
     importance_beta: float = arg(0.995, "moving-average factor of the loss router's importance table")
     sctd_interval: int = arg(10, "ScTD: a full pass and the semantic constraints every Fi steps")
     sctd_lambda: float = arg(0.05, "ScTD: weight of the local + global KL constraints")
@@ -78,6 +86,9 @@ class TrainConfig:
                      choices=["auto", "fp32", "bf16", "fp16"])
     compile: bool = arg(None, "torch.compile the model (default: on for CUDA)", action=argparse.BooleanOptionalAction)
     device: str = arg("auto", "auto, cpu, cuda or cuda:N")
+    step_times: str = arg(None, "a bench.py --json file: the training clock (--time_budget, the lr, --keep_ramp, "
+                          "train_time in the log) then advances by the median time bench measured for each step's kind "
+                          "instead of the measured seconds, so equal-time runs do not depend on the machine's load", type=str)
     seed: int = arg(1337, "seed of the initial weights, row order, masking and tie-breaking")
     out_dir: str = arg("out", "where log.jsonl and checkpoints go")
     log_every: int = arg(10, "steps between lines of log.jsonl")
@@ -140,15 +151,21 @@ def check(cfg):
         (cfg.batch_size is None or cfg.batch_size >= 1, f"--batch_size {cfg.batch_size} must be at least 1"),
         (cfg.grad_accum >= 1 and cfg.steps >= 1, "--grad_accum and --steps must be at least 1"),
         (0 < cfg.keep <= 1, f"--keep {cfg.keep} is outside (0, 1]"),
+        (0 <= cfg.keep_ramp <= 1 and 0 <= cfg.full_end < 1 and 0 <= cfg.random_share < 1,
+         f"--keep_ramp {cfg.keep_ramp} must be in [0, 1], --full_end {cfg.full_end} and --random_share {cfg.random_share} in [0, 1)"),
         (cfg.sctd_interval >= 1, f"--sctd_interval {cfg.sctd_interval} must be at least 1"),
+        (not cfg.layerwise or SIZES[cfg.size]["n_layer"] >= 3,
+         f"--layerwise drops in the layers between the first and the last, which --size {cfg.size} does not have"),
         (cfg.time_budget is None or cfg.time_budget > 0, f"--time_budget {cfg.time_budget} must be positive"),
         (cfg.time_budget is None or cfg.warmup is not None,
          "--time_budget needs --warmup (in steps: its default, 10% of --steps, has no meaning in a run that ends on time)"),
     ]
-    if cfg.mode != "full" and 0 < cfg.keep <= 1:
+    if cfg.mode != "full" and 0 < cfg.keep <= 1 and 0 <= cfg.random_share < 1:
         k, need = kept_count(cfg.keep, cfg.seq_len), M + 2
-        rules.append((k >= need, f"--keep {cfg.keep} keeps {k} of {cfg.seq_len} tokens, fewer than the {need} "
-                                 f"always kept ([CLS], [SEP] and {M} masked); use --keep >= {math.ceil(100 * need / cfg.seq_len) / 100}"))
+        rules.append((k - n_random(cfg, k) >= need,
+                      f"--keep {cfg.keep} keeps {k} of {cfg.seq_len} tokens, {n_random(cfg, k)} of them at random "
+                      f"(--random_share), leaving fewer than the {need} always kept ([CLS], [SEP] and {M} masked); "
+                      f"use a larger --keep or a smaller --random_share"))
     for ok, message in rules:
         if not ok:
             raise ValueError(message)
@@ -167,21 +184,72 @@ def lr_at(step, cfg, clock=None):
     return cfg.lr * max(0.0, (cfg.steps - step) / max(1, cfg.steps - cfg.warmup))
 
 
+def n_random(cfg, k):
+    """How many of a row's k kept tokens --random_share draws at random."""
+    return int(cfg.random_share * k)
+
+
+def budget_used(cfg, step, clock):
+    """How far through its budget a run is, in [0, 1]: in time under --time_budget, else in steps (the lr's clock)."""
+    return clock["train_time"] / (60 * cfg.time_budget) if cfg.time_budget else step / cfg.steps
+
+
+def kept_now(cfg, used):
+    """Tokens per row the dropped layers keep with `used` of the budget gone (--keep, --keep_ramp, --full_end);
+    None: a full-sequence step."""
+    if cfg.mode == "full":
+        return None
+    k = scheduled_count(used, cfg.keep, cfg.seq_len, cfg.keep_ramp, cfg.full_end)
+    return None if k >= cfg.seq_len else k
+
+
+def step_kind(cfg, k, sctd_step):
+    """What a step costs depends on this alone: "full", "drop k=64", "sctd k=64 layerwise", ... (bench.py's rows too)."""
+    if k is None:
+        return "full"
+    return f"{'sctd' if sctd_step else 'drop'} k={k}" + (" layerwise" if cfg.layerwise else "")
+
+
+def read_step_times(path, cfg):
+    """--step_times: {step kind: median seconds} from a bench.py --json file, at this run's size, seq_len and batch."""
+    try:
+        with open(path) as f:
+            rows = json.load(f)["rows"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"--step_times {path}: not a bench.py --json file ({str(e).splitlines()[0][:80]})") from None
+    times = {r["kind"]: r["ms_per_step"] / 1e3 for r in rows if r.get("kind") and
+             (r["size"], r["seq_len"], r["batch_size"]) == (cfg.size, cfg.seq_len, cfg.batch_size)}
+    counts = {kept_now(cfg, used) for used in np.linspace(0, 1, 1001)}  # every kept count the schedule passes
+    kinds = {step_kind(cfg, k, sctd) for k in counts for sctd in {False, cfg.mode == "sctd"}}
+    missing = sorted(kinds - set(times))
+    if missing:
+        raise ValueError(f"--step_times {path} has no time for {', '.join(missing)} at --size {cfg.size} --seq_len "
+                         f"{cfg.seq_len} --batch_size {cfg.batch_size}; time them with bench.py --json (--keep, --modes)")
+    return times
+
+
 def is_sctd_step(cfg, step):
     """ScTD's hybrid training: the full pass and the semantic constraints every Fi-th step."""
     return cfg.mode == "sctd" and step % cfg.sctd_interval == 0
 
 
-def objective(model, router, batch, cfg, sctd_step):
+def kept_positions(router, batch, cfg, k):
+    """The kept positions: (B, k) for Hou et al.'s schedule, or (L-2, B, k) with --layerwise, a draw per layer."""
+    if not cfg.layerwise:
+        return router.select(batch.input_ids, k, batch.noise[:, 0], n_random(cfg, k))
+    return torch.stack([router.select(batch.input_ids, k, noise, n_random(cfg, k)) for noise in batch.noise.unbind(1)])
+
+
+def objective(model, router, batch, cfg, sctd_step, k):
     """
-    The loss of one micro-batch. Returns (loss, stats, token_losses); token_losses (B*M,) come from
-    the dropped pass (or the only pass) and teach the router.
+    The loss of one micro-batch with k kept tokens per row (None: full sequence). Returns (loss, stats,
+    token_losses); token_losses (B*M,) come from the dropped pass (or the only pass) and teach the router.
     """
-    if cfg.mode == "full":
+    if k is None:
         logits, _, _ = model(batch.input_ids, batch.mlm_positions)
         loss, token_losses = mlm_loss(logits, batch.mlm_targets)
         return loss, {}, token_losses
-    keep_idx = router.select(batch.input_ids, kept_count(cfg.keep, cfg.seq_len), batch.noise)
+    keep_idx = kept_positions(router, batch, cfg, k)
     logits, *drop = model(batch.input_ids, batch.mlm_positions, keep_idx)
     mlm_drop, token_losses = mlm_loss(logits, batch.mlm_targets)
     if not sctd_step:
@@ -192,13 +260,13 @@ def objective(model, router, batch, cfg, sctd_step):
     return loss, dict(mlm_drop=mlm_drop, mlm_full=mlm_full, kl_local=kl_local, kl_global=kl_global), token_losses
 
 
-def train_step(model, router, opt, scaler, batches, cfg, step, lr, autocast):
+def train_step(model, router, opt, scaler, batches, cfg, step, lr, k, autocast):
     """
-    One optimizer step at learning rate lr over the micro-batches (forward, backward, clip, AdamW, router update).
-    model: the module to call (compiled and/or DDP-wrapped). Returns a dict of floats; "skipped"
-    is True when the gradient was not finite and nothing was updated.
+    One optimizer step at learning rate lr over the micro-batches (forward, backward, clip, AdamW, router update),
+    with k kept tokens per row (None: full sequence). model: the module to call (compiled and/or DDP-wrapped).
+    Returns a dict of floats, the step's kind, and "skipped": True when the gradient was not finite and nothing was updated.
     """
-    sctd_step = is_sctd_step(cfg, step)
+    sctd_step = is_sctd_step(cfg, step) and k is not None
     ddp = getattr(model, "_orig_mod", model)  # under torch.compile
     totals = {}
     for i, batch in enumerate(batches):
@@ -206,9 +274,9 @@ def train_step(model, router, opt, scaler, batches, cfg, step, lr, autocast):
         # all-reduce the gradients once, on the last micro-batch
         with (ddp.no_sync() if isinstance(ddp, DDP) and not last else nullcontext()):
             with autocast:
-                loss, stats, token_losses = objective(model, router, batch, cfg, sctd_step)
+                loss, stats, token_losses = objective(model, router, batch, cfg, sctd_step, k)
             scaler.scale(loss / len(batches)).backward()
-        if cfg.mode != "full":
+        if k is not None:
             router.observe(batch.input_ids, batch.mlm_targets.flatten(), token_losses.detach())
         for name, value in dict(loss=loss, **stats).items():
             totals[name] = totals.get(name, 0) + value.detach() / len(batches)
@@ -226,12 +294,12 @@ def train_step(model, router, opt, scaler, batches, cfg, step, lr, autocast):
         scaler.step(opt)  # fp16: the GradScaler itself skips a non-finite step
         scaler.update()
     opt.zero_grad(set_to_none=True)
-    if finite and cfg.mode != "full":
+    if finite and k is not None:
         router.update()
     else:
         router.reset()  # a non-finite loss must not reach the importance table either
-    mode = "sctd" if sctd_step else "drop" if cfg.mode == "sctd" else cfg.mode
-    return dict(out, skipped=not finite, mode=mode)
+    mode = "sctd" if sctd_step else "full" if k is None else "drop"
+    return dict(out, skipped=not finite, mode=mode, kind=step_kind(cfg, k, sctd_step))
 
 
 @torch.no_grad()
@@ -253,7 +321,7 @@ def evaluate(model, router, val_batches, cfg, autocast):
             result = dict(val_loss=loss.item(), val_order_gap=gap.item(),
                           val_acc=(logits.argmax(-1) == batch.mlm_targets)[valid].float().mean().item())
             if cfg.mode != "full":
-                keep_idx = router.select(batch.input_ids, kept_count(cfg.keep, cfg.seq_len), batch.noise)
+                keep_idx = kept_positions(router, batch, cfg, kept_count(cfg.keep, cfg.seq_len))
                 _, *drop = model(batch.input_ids, batch.mlm_positions, keep_idx)
                 result.update({f"drift_{k}": v for k, v in semantic_drift(full, drop).items()})
         for k, v in result.items():
@@ -428,8 +496,9 @@ def fill_defaults(cfg, world):
 
 def load_data(cfg, folder, world, device):
     """The prepared corpus -> (training Batches, the fixed validation batches: the same in every run and mode)."""
-    train_data = Batches(load_tokens(folder, "train"), cfg.seq_len, cfg.seed, device, cfg.mask_rate)
-    val_data = Batches(load_tokens(folder, "val"), cfg.seq_len, VAL_SEED, device)
+    draws = noise_draws(SIZES[cfg.size]["n_layer"], cfg.layerwise)
+    train_data = Batches(load_tokens(folder, "train"), cfg.seq_len, cfg.seed, device, cfg.mask_rate, draws)
+    val_data = Batches(load_tokens(folder, "val"), cfg.seq_len, VAL_SEED, device, noise_draws=draws)
     rows_per_step = cfg.batch_size * cfg.grad_accum * world
     if train_data.n_rows < rows_per_step or val_data.n_rows < 1:
         raise ValueError(f"--data {cfg.data} has {train_data.n_rows} training rows of {cfg.seq_len} tokens, fewer than "
@@ -479,6 +548,7 @@ def train(cfg):
     master = rank == 0
     state, init = starting_point(cfg, master)
     fill_defaults(cfg, world)
+    step_times = read_step_times(cfg.step_times, cfg) if cfg.step_times else None
     if master:
         print(json.dumps(asdict(cfg), indent=1))
         prepare(cfg.data, cfg.data_config, cfg.cache_dir, cfg.max_tokens)
@@ -491,9 +561,11 @@ def train(cfg):
     train_data, val_batches = load_data(cfg, folder, world, device)
 
     model, router, opt, scaler = build(cfg, device)
-    step, clock = 0, dict(train_time=0.0, warmup_end=0.0)  # seconds of training steps, and when warm-up ended
+    # seconds of training steps, when warm-up ended, and the steps of each kind so far (what bench.py models time from)
+    step, clock = 0, dict(train_time=0.0, warmup_end=0.0, kinds={})
     if state is not None:
         step, clock = restore(state, model, router, opt, scaler, rank, device)
+        clock.setdefault("kinds", {})  # a checkpoint from before the kinds were counted
         if master:
             print(f"resumed from step {step}" if cfg.resume else
                   json.dumps(dict(steps_done=step, **evaluate(model, router, val_batches, cfg, autocast))))
@@ -515,19 +587,22 @@ def train(cfg):
     rows_per_step = cfg.batch_size * cfg.grad_accum * world
     budget = 60 * cfg.time_budget if cfg.time_budget else None
     bar = progress_bar(cfg, step, clock, budget, master)
-    bad, compiled = 0, set()  # non-finite steps in a row; the step kinds (full, drop, sctd) run so far
+    bad, compiled = 0, set()  # non-finite steps in a row; the step kinds run so far
     # a resumed run that has already used its time budget is done
     while step < cfg.steps and (budget is None or clock["train_time"] < budget):
         t0 = time.perf_counter()
         batches = [train_data.get(example_ids(step, i, cfg, rank, world)) for i in range(cfg.grad_accum)]
         lr = lr_at(step, cfg, clock)
-        out = train_step(fwd, router, opt, scaler, batches, cfg, step, lr, autocast)
+        out = train_step(fwd, router, opt, scaler, batches, cfg, step, lr, kept_now(cfg, budget_used(cfg, step, clock)), autocast)
         seconds = time.perf_counter() - t0
-        # a step kind's first step (again after --resume) is where torch.compile compiles its graphs: not training
-        # time, and ScTD's two graphs would cost it more of an equal-time budget than full training's one
-        trained = 0.0 if cfg.compile and out["mode"] not in compiled else seconds
-        compiled.add(out["mode"])
+        if step_times:  # the modelled clock: what bench.py measured for a step of this kind
+            trained = step_times[out["kind"]]
+        else:  # a kind's first step (again after --resume) is where torch.compile compiles its graphs: not training
+            # time, and ScTD's two graphs would cost it more of an equal-time budget than full training's one
+            trained = 0.0 if cfg.compile and out["kind"] not in compiled else seconds
+        compiled.add(out["kind"])
         clock["train_time"] += trained
+        clock["kinds"][out["kind"]] = clock["kinds"].get(out["kind"], 0) + 1
         if step + 1 == cfg.warmup:
             clock["warmup_end"] = clock["train_time"]
         bad = bad + 1 if out["skipped"] else 0
@@ -540,12 +615,12 @@ def train(cfg):
         last = done == cfg.steps or out_of_time
 
         record = dict(step=step, loss=out["loss"], lr=lr, tokens_per_s=round(rows_per_step * cfg.seq_len / seconds),
-                      mode=out["mode"], train_time=round(clock["train_time"], 2), tokens=done * rows_per_step * cfg.seq_len)
+                      mode=out["mode"], kind=out["kind"], train_time=round(clock["train_time"], 2), tokens=done * rows_per_step * cfg.seq_len)
         record.update({k: out[k] for k in ("kl_local", "kl_global", "mlm_drop", "mlm_full") if k in out})
         if out["skipped"]:
             record["skipped"] = True
         if master and (done % cfg.eval_every == 0 or last):
-            record.update(evaluate(model, router, val_batches, cfg, autocast))
+            record.update(evaluate(model, router, val_batches, cfg, autocast), kinds=dict(clock["kinds"]))
             bar.write(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()))
         if master and (step % cfg.log_every == 0 or "val_loss" in record or out["mode"] == "sctd" or out["skipped"]):
             log.write(json.dumps(record) + "\n")
