@@ -57,7 +57,7 @@ def kept_count(keep, seq_len):
     return int(keep * seq_len)
 
 
-KEEP_STEP = 16  # a growing kept count moves in steps of 16 tokens (random-LTD's default): few shapes, few graphs
+KEEP_STEP = 16  # a growing kept count moves in steps of 16 tokens (random-LTD grows in fixed steps too): few graphs
 
 
 def scheduled_count(progress, keep, seq_len, ramp=0.0, full_end=0.0):

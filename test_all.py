@@ -217,6 +217,13 @@ def test_layerwise_keeping_all_equals_full_path(cache, position):
             assert (a - c).abs().max() < 1e-5
 
 
+def test_layerwise_flops_hand_computed():
+    # a layer on n tokens of width C: 24 n C^2 (qkv, output, FFN) + 4 n^2 C (attention); C = 128, layers 1 and 2 of 4
+    # on 16 of 32 tokens: 2 x ((24 * 32 * 128^2 + 4 * 32^2 * 128) - (24 * 16 * 128^2 + 4 * 16^2 * 128)) fewer
+    model = tiny_model(n_layer=4)
+    assert model.forward_flops(1, 32, 4) - model.forward_flops(1, 32, 4, 16, layerwise=True) == 2 * (13_107_200 - 6_422_528)
+
+
 def test_layerwise_bypassed_tokens_skip_only_their_layer(cache):
     """Layer 1 keeps the first half of each row, layer 2 the second: a token bypasses one middle layer, runs the other."""
     model = tiny_model(n_layer=4)
@@ -750,9 +757,14 @@ train.main(sys.argv[1:])
 """
 
 
-@pytest.mark.parametrize("mode", ["full", "drop", "sctd"])
-def test_ddp_equals_one_process_with_the_whole_batch(cache, tmp_path, mode):
-    args = ["--mode", mode, "--steps", 10, "--dropout", 0, "--sctd_interval", 3]
+# (mode, more flags): the third, random-LTD's layers on a kept count that grows to the full row at step 5
+DDP_CASES = [("full", []), ("drop", []), ("sctd", []),
+             ("drop", ["--size", "mini", "--layerwise", "--router", "random", "--keep_ramp", 0.5])]
+
+
+@pytest.mark.parametrize("mode,more", DDP_CASES)
+def test_ddp_equals_one_process_with_the_whole_batch(cache, tmp_path, mode, more):
+    args = ["--mode", mode, "--steps", 10, "--dropout", 0, "--sctd_interval", 3, *more]
     (tmp_path / "ddp").mkdir()
     driver = tmp_path / "driver.py"
     driver.write_text(DDP_DRIVER.format(here=HERE, out=str(tmp_path / "ddp")))
@@ -771,6 +783,8 @@ def test_ddp_equals_one_process_with_the_whole_batch(cache, tmp_path, mode):
     if mode != "full":  # (full-sequence training never consults the router)
         tables = [torch.load(tmp_path / "ddp" / f"router_rank{r}.pt") for r in (0, 1)]
         assert torch.equal(tables[0], tables[1])  # bit-identical across ranks
+    if more:
+        assert [r["kind"] for r in single] == ["drop k=16 layerwise"] * 5 + ["full"] * 5
     if mode == "drop":  # and one process with grad_accum 2 over the same examples
         accum = run_train(tmp_path / "accum", cache, *args, "--grad_accum", 2)
         assert all(abs(a["loss"] - b["loss"]) < 1e-5 for a, b in zip(accum, single))
