@@ -399,10 +399,11 @@ def train_config(config):
     return train.TrainConfig(**{k: v for k, v in config.items() if k in TRAIN_DEFAULTS})
 
 
-# The flags that say how a run was made, not what it trained: never a method's setting
+# The flags that say how a run was made, not what it trained, and its budget (the comparison's condition, a column of
+# its own; the same hour is 60 minutes measured or 102.34 modelled): never a method's setting
 NOT_METHOD = {"seed", "data", "data_config", "cache_dir", "max_tokens", "device", "dtype", "compile", "out_dir", "log_every",
               "eval_every", "eval_iters", "save_every", "resume", "eval_only", "max_bad_steps", "prepare_only", "export",
-              "overwrite", "step_times"}
+              "overwrite", "step_times", "time_budget", "steps"}
 DROPPING = {"keep", "router", "importance_beta", "layerwise", "keep_ramp", "full_end", "random_share"}
 SCTD = {"sctd_interval", "sctd_lambda"}
 
@@ -451,6 +452,12 @@ def model_time(run, step_times_file):
         r["model_time"] = sum(n * seconds[kind] for kind, n in steps_of_each_kind(run["config"], r).items())
 
 
+def timed(run, key):
+    """Whether a run's evaluations hold a clock at key: "train_time" is not a measured one in a run made on the modelled
+    clock (train.py --step_times), whose measured columns stay empty."""
+    return key != "train_time" or not run["config"].get("step_times")
+
+
 def compare_runs(args):
     """
     --runs: one row per run (the last evaluation; per target loss, the minutes to reach it and the saving against the
@@ -474,11 +481,13 @@ def compare_runs(args):
                    val_loss=last["val_loss"], order_gap=last["val_order_gap"], drift_kl_local=last.get("drift_kl_local"),
                    drift_kl_global=last.get("drift_kl_global"), drift_cos_global=last.get("drift_cos_global"))
         for clock, key in clocks:  # steps per second, and the same over the full run's
-            row[f"{clock}steps/s"] = (last["step"] + 1) / last[key]
-            row[f"{clock}steps/s vs full"] = peer and row[f"{clock}steps/s"] / ((peer["evals"][-1]["step"] + 1) / peer["evals"][-1][key])
+            row[f"{clock}steps/s"] = (last["step"] + 1) / last[key] if timed(run, key) else None
+            peer_speed = peer and timed(peer, key) and (peer["evals"][-1]["step"] + 1) / peer["evals"][-1][key]
+            row[f"{clock}steps/s vs full"] = row[f"{clock}steps/s"] / peer_speed if row[f"{clock}steps/s"] and peer_speed else None
         for target in targets:
             for clock, key in clocks:
-                t, t_full = reach(run["evals"], target, key), peer and reach(peer["evals"], target, key)
+                t = reach(run["evals"], target, key) if timed(run, key) else None
+                t_full = reach(peer["evals"], target, key) if peer and timed(peer, key) else None
                 row[f"{clock}min to {target:.3f}"] = None if t is None else t / 60
                 row[f"{clock}saving at {target:.3f}"] = None if not (t and t_full) else 1 - t / t_full
             n, n_full = reach(run["evals"], target, "tokens"), peer and reach(peer["evals"], target, "tokens")
@@ -508,9 +517,11 @@ def compare_runs(args):
     summary = savings_over_seeds(rows, targets, [clock for clock, _ in clocks])
     for line in summary:
         print(f"{line['method']}, saving at {line['target']:.3f} over {line['seeds']} seeds: "
-              + "; ".join(f"{clock}mean {line[clock + 'mean']:+.0%}, range [{line[clock + 'min']:+.0%}, {line[clock + 'max']:+.0%}]; "
-                          f"by its {clock}step speed alone: mean {line[clock + 'speed_saving']:+.0%}" for clock, _ in clocks)
-              + f"; tokens vs full: mean {line['tokens_ratio']:.2f}x, range [{line['tokens_min']:.2f}x, {line['tokens_max']:.2f}x]")
+              + "".join(f"{clock}mean {line[clock + 'mean']:+.0%}, range [{line[clock + 'min']:+.0%}, {line[clock + 'max']:+.0%}]"
+                        + (f" ({line[clock + 'count']} seeds)" if line[clock + "count"] != line["seeds"] else "")
+                        + f"; by its {clock}step speed alone: mean {line[clock + 'speed_saving']:+.0%}; "
+                        for clock, _ in clocks if line[clock + "count"])
+              + f"tokens vs full: mean {line['tokens_ratio']:.2f}x, range [{line['tokens_min']:.2f}x, {line['tokens_max']:.2f}x]")
     if args.plot:
         plot_runs(runs, targets[0], args.plot, "model_time" if args.step_times else "train_time")
     if args.json:
@@ -526,17 +537,19 @@ def savings_over_seeds(rows, targets, clocks):
     for method in dict.fromkeys(r["method"] for r in rows if r["mode"] != "full"):
         mine = [r for r in rows if r["method"] == method]
         for target in targets:
-            reached = [r for r in mine if r[f"saving at {target:.3f}"] is not None]
+            reached = [r for r in mine if r[f"tokens vs full at {target:.3f}"] is not None]
             if not reached:
                 continue
             tokens = [r[f"tokens vs full at {target:.3f}"] for r in reached]
             line = dict(method=method, target=target, seeds=len(reached), tokens_ratio=float(np.mean(tokens)),
                         tokens_min=min(tokens), tokens_max=max(tokens))
-            for clock in clocks:
-                savings = [r[f"{clock}saving at {target:.3f}"] for r in reached]
+            for clock in clocks:  # a clock some runs lack (measured minutes of modelled-clock runs) counts the others
+                savings = [r[f"{clock}saving at {target:.3f}"] for r in reached if r[f"{clock}saving at {target:.3f}"] is not None]
                 speed = [1 - 1 / r[f"{clock}steps/s vs full"] for r in mine if r[f"{clock}steps/s vs full"]]
-                line.update({clock + "mean": float(np.mean(savings)), clock + "min": min(savings),
-                             clock + "max": max(savings), clock + "speed_saving": float(np.mean(speed))})
+                line[clock + "count"] = len(savings)
+                if savings:
+                    line.update({clock + "mean": float(np.mean(savings)), clock + "min": min(savings),
+                                 clock + "max": max(savings), clock + "speed_saving": float(np.mean(speed))})
             summary.append(line)
     return summary
 
@@ -560,6 +573,8 @@ def plot_runs(runs, target, path, clock):
                      color=colors.setdefault(method, f"C{len(colors)}"),
                      linestyle=["-", "--", ":", "-."][seeds.index(run["config"]["seed"]) % 4])
         for i, j, x, y in panels:
+            if not timed(run, x):
+                continue
             points = [(r[x] / (1e6 if x == "tokens" else 60), r[y]) for r in run["evals"] if y in r]
             if points:
                 axes[i, j].plot(*zip(*points), **style)

@@ -1196,7 +1196,7 @@ def test_bench_times_runs_to_a_target_loss(tmp_path, capsys):
 def test_bench_models_time_from_step_kinds_and_tells_methods_apart(tmp_path, capsys):
     shape = dict(size="mini", seq_len=64, batch_size=4)
     times = step_times_file(tmp_path / "steps.json", full=2000, drop_k_32=1000, drop_k_16=500, drop_k_48=1500,
-                            sctd_k_32=3000)
+                            sctd_k_32=3000, drop_k_32_layerwise=800)
     fake_run(tmp_path / "full", "full", [(9, 10, 6.0), (19, 20, 5.0)], **shape)
     # older runs logged no kinds: every step is the mode's (ScTD: steps 0, 2, 4, ... its own kind, Fi = 2)
     fake_run(tmp_path / "drop", "drop", [(9, 5, 6.0), (19, 10, 5.0)], router="random", **shape)
@@ -1217,9 +1217,19 @@ def test_bench_models_time_from_step_kinds_and_tells_methods_apart(tmp_path, cap
     out = capsys.readouterr().out
     assert "drop (random router, keep 0.25, keep_ramp 0.5), saving at 5.000 over 1 seeds: mean +50%" in out
     assert "modelled mean +65%, range [+65%, +65%]" in out
-    fake_run(tmp_path / "layerwise", "drop", [(9, 10, 5.0)], router="random", layerwise=True, **shape)
-    with pytest.raises(ValueError, match="no time for drop k=32 layerwise"):
-        bench.compare_runs(bench.parse_args(["--runs", str(tmp_path / "layerwise"), "--step_times", times]))
+    # a run made on the modelled clock: its train_time measured nothing, so only its modelled columns fill
+    fake_run(tmp_path / "ltd", "drop", [(9, 99, 5.0)], router="random", layerwise=True, step_times=times,
+             kinds=[{"drop k=32 layerwise": 10}], **shape)
+    *_, ltd = bench.compare_runs(bench.parse_args(["--runs", *runs, str(tmp_path / "ltd"), "--target_loss", "5.0",
+                                                   "--step_times", times]))
+    assert ltd["min to 5.000"] is None and ltd["saving at 5.000"] is None and ltd["steps/s vs full"] is None
+    assert ltd["modelled saving at 5.000"] == pytest.approx(1 - 8 / 40)
+    out = capsys.readouterr().out
+    assert ("drop (random router, layerwise), saving at 5.000 over 1 seeds: modelled mean +80%, range [+80%, +80%]; "
+            "by its modelled step speed alone: mean +60%; tokens vs full: mean 0.50x") in out
+    fake_run(tmp_path / "wider", "drop", [(9, 10, 5.0)], router="random", layerwise=True, keep=0.75, **shape)
+    with pytest.raises(ValueError, match="no time for drop k=48 layerwise"):
+        bench.compare_runs(bench.parse_args(["--runs", str(tmp_path / "wider"), "--step_times", times]))
 
 
 # ------------------------------------------------------------------------------------------------
