@@ -30,7 +30,7 @@ import torch
 from tqdm import tqdm
 
 import train
-from data import CLS, EOT, SEP, VOCAB_SIZE, Batch, example_uniform, mask_tokens, n_masked
+from data import GPT2, Batch, example_uniform, mask_tokens, n_masked
 from dropping import kept_count, noise_draws
 from finetune import summarize
 from loss import IGNORE
@@ -77,9 +77,10 @@ def parse_args(argv=None):
 
 
 def synthetic_batch(batch_size, seq_len, index, device, noise_draws):
-    """Random ids in [0, EOT) between [CLS] and [SEP], masked as in training: a Batch of (B, T) and (B, M) tensors."""
-    ids = torch.randint(0, EOT, (batch_size, seq_len), generator=torch.Generator().manual_seed(index))
-    ids[:, 0], ids[:, -1] = CLS, SEP
+    """Random ordinary gpt2 ids (those below its first special one) between [CLS] and [SEP], masked as in training:
+    a Batch of (B, T) and (B, M) tensors."""
+    ids = torch.randint(0, min(GPT2.special), (batch_size, seq_len), generator=torch.Generator().manual_seed(index))
+    ids[:, 0], ids[:, -1] = GPT2.cls, GPT2.sep
     examples = torch.arange(index * batch_size, (index + 1) * batch_size)
     input_ids, positions, targets = mask_tokens(ids, examples, seed=0)
     noise = example_uniform(0, examples, noise_draws * seq_len, stream=3).view(batch_size, noise_draws, seq_len)
@@ -88,7 +89,7 @@ def synthetic_batch(batch_size, seq_len, index, device, noise_draws):
 
 def our_step(cfg, device, autocast, batches):
     """(fn(round r), model): fn runs one train.train_step on batches[r]; a ScTD run's rounds are its ScTD steps (every Fi-th)."""
-    model, router, opt, scaler = train.build(cfg, device)
+    model, router, opt, scaler = train.build(cfg, device, GPT2)
     fwd = torch.compile(model) if cfg.compile else model
     every = cfg.sctd_interval if cfg.mode == "sctd" else 1
     k = train.kept_now(cfg, 0)
@@ -103,7 +104,7 @@ def hf_step(cfg, device, autocast, batches):
     import transformers
     shape = SIZES[cfg.size]
     hf = transformers.BertForMaskedLM(transformers.BertConfig(
-        vocab_size=VOCAB_SIZE, hidden_size=shape["n_embd"], num_hidden_layers=shape["n_layer"],
+        vocab_size=GPT2.size, hidden_size=shape["n_embd"], num_hidden_layers=shape["n_layer"],
         num_attention_heads=shape["n_head"], intermediate_size=4 * shape["n_embd"], max_position_embeddings=512,
         hidden_dropout_prob=cfg.dropout, attention_probs_dropout_prob=cfg.dropout, layer_norm_eps=1e-12,
         attn_implementation="sdpa")).to(device)

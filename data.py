@@ -2,12 +2,15 @@
 Text in, batches out: the tokenizer, corpus preparation (text -> token files, once) and the
 pretraining batches (packed rows, dynamic masking on the training device).
 
-Tokenizer: tiktoken's gpt2 BPE (ids 0..50256, 50256 = <|endoftext|>, our end-of-document token)
-plus four ids appended after it: [PAD] 50257, [CLS] 50258, [SEP] 50259, [MASK] 50260. The
-embedding table is padded to 50304 rows (a multiple of 64); ids above 50260 never occur.
+Tokenizer (--tokenizer): by default tiktoken's gpt2 BPE (ids 0..50256, 50256 = <|endoftext|>, our
+end-of-document token) plus four ids appended after it: [PAD] 50257, [CLS] 50258, [SEP] 50259,
+[MASK] 50260; the embedding table is padded to 50304 rows (a multiple of 64). Or any Hugging Face
+fast tokenizer (bert-base-uncased's WordPiece, RoBERTa's BPE, one trained on your corpus): its
+special tokens give the same roles (Vocab), wherever they sit in its vocabulary.
 """
 import codecs
 import fcntl
+import functools
 import glob
 import gzip
 import hashlib
@@ -17,22 +20,81 @@ import os
 import re
 import shutil
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import tiktoken
 import torch
 from tqdm import tqdm
 
-EOT, PAD, CLS, SEP, MASK = 50256, 50257, 50258, 50259, 50260
-SPECIAL_IDS = (EOT, PAD, CLS, SEP, MASK)
-VOCAB_SIZE = 50304
 MASK_PROB = 0.15
 VAL_EVERY = 100  # local corpora: every 100th document (the 1st, 101st, ...) is held out for validation
 DEFAULT_DATA, DEFAULT_CONFIG = "Salesforce/wikitext", "wikitext-103-raw-v1"
 FORMAT = 1  # bump when the token files change meaning: old caches are then rebuilt
 TEXT_EXTS = (".txt", ".jsonl")
 ARCHIVE_EXTS = ("", ".xz", ".gz")
+
+
+@dataclass(frozen=True)
+class Vocab:
+    """
+    What the code needs to know of a tokenizer: how many ids it gives and which ids play the special roles.
+    `special` ids are never masked nor drawn as a random replacement, and the router always keeps them but
+    [PAD]. Packed rows separate documents with `eod`: the tokenizer's end-of-document token, else its [SEP].
+    """
+    n_ids: int
+    pad: int
+    cls: int
+    sep: int
+    mask: int
+    eod: int
+    special: tuple
+
+    @property
+    def size(self):
+        """Rows of the model's embedding table: n_ids padded to a multiple of 64 (faster matmuls)."""
+        return -(-self.n_ids // 64) * 64
+
+
+GPT2 = Vocab(n_ids=50261, pad=50257, cls=50258, sep=50259, mask=50260, eod=50256, special=tuple(range(50256, 50261)))
+GPT2_SPECIAL_TOKENS = ["<|endoftext|>", "[PAD]", "[CLS]", "[SEP]", "[MASK]"]
+
+
+@functools.lru_cache(maxsize=8)
+def id_tables(vocab, device):
+    """(is_special: (size,) bool, ordinary: the ids that are not special, increasing) on a device."""
+    is_special = torch.zeros(vocab.size, dtype=torch.bool)
+    is_special[list(vocab.special)] = True
+    is_special[vocab.n_ids:] = True  # the padding rows: never in the data, never a replacement
+    return is_special.to(device), (~is_special).nonzero().flatten().to(device)
+
+
+@dataclass(frozen=True)
+class Tokenizer:
+    """
+    name: "gpt2" or the Hugging Face tokenizer's source (a tokenizer.json, a folder, a hub name), as a
+    checkpoint records it; encode_batch: texts -> their ids, no special tokens added; hf: the transformers
+    tokenizer (None for gpt2), which a checkpoint's folder keeps a copy of and --export saves.
+    """
+    name: str
+    vocab: Vocab
+    encode_batch: object = field(compare=False)
+    hf: object = field(default=None, compare=False)
+
+    def fingerprint(self):
+        """What the token files depend on, for the cache key: the name for gpt2, else the tokenizer's full definition."""
+        if self.hf is None:
+            return self.name
+        return hashlib.sha1(self.hf.backend_tokenizer.to_str().encode()).hexdigest()
+
+    def save(self, folder):
+        """A copy of a Hugging Face tokenizer in folder/tokenizer (gpt2 needs none): a checkpoint moved elsewhere keeps it."""
+        if self.hf is not None:
+            self.hf.save_pretrained(os.path.join(folder, "tokenizer"))
+
+    def transformers(self, max_len):
+        """The tokenizer to save beside an exported model."""
+        return transformers_tokenizer(max_len) if self.hf is None else self.hf
 
 
 # tiktoken's two gpt2 files (MIT, OpenAI's GPT-2 release) ship in the repository, named as tiktoken's cache names
@@ -48,6 +110,68 @@ def get_encoding():
     except Exception as e:
         raise ValueError(f"could not load tiktoken's gpt2 encoding ({type(e).__name__}) from TIKTOKEN_CACHE_DIR="
                          f"{os.environ['TIKTOKEN_CACHE_DIR']}; unset it to use the files in {GPT2_CACHE}") from None
+
+
+MODEL_INPUTS = ["input_ids", "token_type_ids", "attention_mask"]  # what a tokenizer gives our exported models
+# Each role's usual token, for a bare tokenizer.json, which names no roles: BERT's, then RoBERTa's.
+ROLE_TOKENS = dict(cls=("[CLS]", "<s>"), sep=("[SEP]", "</s>"), mask=("[MASK]", "<mask>"), pad=("[PAD]", "<pad>"),
+                   unk=("[UNK]", "<unk>"))
+
+
+def load_tokenizer(name="gpt2"):
+    """
+    "gpt2", or a Hugging Face fast tokenizer: a tokenizer.json file, a folder one was saved in, or a hub name.
+    Fails in one sentence when it does not load or lacks a role.
+    """
+    if name == "gpt2":
+        enc = get_encoding()
+        return Tokenizer("gpt2", GPT2, lambda texts: enc.encode_ordinary_batch(texts, num_threads=os.cpu_count()))
+    try:
+        from transformers import AutoTokenizer, PreTrainedTokenizerFast
+    except ImportError:
+        raise ValueError(f"--tokenizer {name} is a Hugging Face tokenizer, which needs `pip install transformers`") from None
+    if not os.path.exists(name) and (name.startswith((".", "/", "~")) or name.endswith(".json")):
+        raise ValueError(f"--tokenizer {name} does not exist; give gpt2, a tokenizer.json, a folder holding one, or a hub name")
+    try:
+        if os.path.isfile(name):
+            hf = PreTrainedTokenizerFast(tokenizer_file=name, model_input_names=MODEL_INPUTS)
+        else:
+            hf = AutoTokenizer.from_pretrained(name)
+    except Exception as e:
+        raise ValueError(f"--tokenizer {name} is neither gpt2 nor a Hugging Face tokenizer (a tokenizer.json, a folder "
+                         f"holding one, or a hub name): {type(e).__name__}: {str(e).splitlines()[0][:120]}") from None
+    if not hf.is_fast:
+        raise ValueError(f"--tokenizer {name} has no fast (Rust) version; save one with tokenizers, as a tokenizer.json")
+    if len(hf) == GPT2.n_ids and hf.convert_ids_to_tokens(list(GPT2.special)) == GPT2_SPECIAL_TOKENS:
+        return load_tokenizer("gpt2")  # transformers_tokenizer's, as --export saves it: the same ids, tiktoken's speed
+    known = hf.get_vocab()
+    for role, tokens in ROLE_TOKENS.items():  # a bare tokenizer.json: find each role's token by its usual name
+        if getattr(hf, f"{role}_token") is None:
+            setattr(hf, f"{role}_token", next((t for t in tokens if t in known), None))
+    lacking = [ROLE_TOKENS[r][0] for r in ("cls", "sep", "mask", "pad") if getattr(hf, f"{r}_token") is None]
+    if lacking:
+        raise ValueError(f"--tokenizer {name} lacks {' and '.join(lacking)} (or {', '.join(ROLE_TOKENS[r][1] for r in ('cls', 'sep', 'mask', 'pad'))}): "
+                         f"masked-LM pretraining needs a [CLS], a [SEP], a [MASK] and a [PAD] token")
+    eod = hf.eos_token_id if hf.eos_token is not None else hf.sep_token_id
+    vocab = Vocab(n_ids=len(hf), pad=hf.pad_token_id, cls=hf.cls_token_id, sep=hf.sep_token_id, mask=hf.mask_token_id,
+                  eod=eod, special=tuple(sorted(set(hf.all_special_ids) | {eod})))
+    backend = hf.backend_tokenizer
+    return Tokenizer(name, vocab, lambda texts: [e.ids for e in backend.encode_batch(texts, add_special_tokens=False)], hf)
+
+
+def saved_tokenizer(folder, name):
+    """The tokenizer a checkpoint in folder was trained with (name: as it records it): gpt2, else the copy the run
+    kept in folder/tokenizer, else name itself (a hub name, or a path that still holds it)."""
+    if name in (None, "gpt2"):  # checkpoints from before --tokenizer are gpt2's
+        return load_tokenizer("gpt2")
+    copy = os.path.join(folder, "tokenizer")
+    for source in (copy, name) if os.path.isdir(copy) else (name,):
+        try:
+            return replace(load_tokenizer(source), name=name)
+        except ValueError:
+            pass
+    raise ValueError(f"the checkpoint in {folder} was trained with the tokenizer {name}, which loads neither from "
+                     f"{copy} nor from {name}; put the tokenizer back in one of them")
 
 
 GPT2_FILES = "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/"  # what tiktoken builds its gpt2 from
@@ -69,14 +193,14 @@ def transformers_tokenizer(max_len=512):
     bpe = Tokenizer(models.BPE(vocab, merges))
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
-    specials = {"[PAD]": PAD, "[CLS]": CLS, "[SEP]": SEP, "[MASK]": MASK}
+    specials = dict(zip(GPT2_SPECIAL_TOKENS[1:], GPT2.special[1:]))
     bpe.add_special_tokens([AddedToken(t, lstrip=t == "[MASK]", normalized=False) for t in specials])
     assert all(bpe.token_to_id(t) == i for t, i in specials.items()), "gpt2's vocabulary should end at <|endoftext|>"
     bpe.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
-                                                       special_tokens=[("[CLS]", CLS), ("[SEP]", SEP)])
+                                                       special_tokens=[("[CLS]", GPT2.cls), ("[SEP]", GPT2.sep)])
     return PreTrainedTokenizerFast(tokenizer_object=bpe, model_max_length=max_len, pad_token="[PAD]",
                                    cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]",
-                                   model_input_names=["input_ids", "token_type_ids", "attention_mask"])
+                                   model_input_names=MODEL_INPUTS)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -196,35 +320,38 @@ def hub_splits(name, config):
 
 
 # ---------------------------------------------------------------------------------------------
-# Preparation: tokenize once, write train.bin / val.bin (uint16) and meta.json into a cache folder.
+# Preparation: tokenize once, write train.bin / val.bin (uint16, or uint32 for a vocabulary above 65,536 ids)
+# and meta.json into a cache folder.
 
-def cache_folder(data, config, cache_dir, max_tokens):
-    """One folder per source (path + size + mtime, or hub name + config) and token cap."""
+def cache_folder(data, config, cache_dir, max_tokens, tok=None):
+    """One folder per source (path + size + mtime, or hub name + config), token cap and tokenizer (tok: None = gpt2)."""
     if is_local_path(data):
         key = [os.path.abspath(data)] + [(f, os.path.getsize(f), os.path.getmtime(f)) for f in _source_files(data)]
     else:
         key = [data, config]
+    if tok is not None and tok.name != "gpt2":  # gpt2's folders keep the names they had before there was a choice
+        key.append(tok.fingerprint())
     key = json.dumps([FORMAT, max_tokens] + key)
     slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", os.path.basename(os.path.normpath(data)))[:40]
     return os.path.join(cache_dir, f"{slug}-{hashlib.sha1(key.encode()).hexdigest()[:10]}")
 
 
-def prepare(data, config=DEFAULT_CONFIG, cache_dir="data_cache", max_tokens=None):
-    """Tokenizes a corpus unless its cache folder is complete; returns the folder."""
-    folder = cache_folder(data, config, cache_dir, max_tokens)
+def prepare(data, config=DEFAULT_CONFIG, cache_dir="data_cache", max_tokens=None, tok=None):
+    """Tokenizes a corpus (tok: a Tokenizer, None = gpt2) unless its cache folder is complete; returns the folder."""
+    folder = cache_folder(data, config, cache_dir, max_tokens, tok)
     if os.path.exists(os.path.join(folder, "meta.json")):
         return folder
     os.makedirs(cache_dir, exist_ok=True)
     with open(folder + ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # a run beside us preparing the same source: wait, then use its folder
         if not os.path.exists(os.path.join(folder, "meta.json")):
-            _tokenize(data, config, folder, max_tokens)
+            _tokenize(data, config, folder, max_tokens, tok or load_tokenizer())
     return folder
 
 
-def _tokenize(data, config, folder, max_tokens):
+def _tokenize(data, config, folder, max_tokens, tok):
     """prepare()'s work, under its lock: writes the folder through a temporary one."""
-    enc = get_encoding()
+    dtype = token_dtype(tok.vocab)
     if is_local_path(data):
         total, unit = sum(os.path.getsize(f) for f in _source_files(data)), "B"
         jobs = [("train", local_documents(data))]
@@ -244,14 +371,14 @@ def _tokenize(data, config, folder, max_tokens):
         for name, docs in jobs:
             done = 0
             for chunk in _chunks(docs):
-                encoded = enc.encode_ordinary_batch([text for text, _, _ in chunk], num_threads=os.cpu_count())
+                encoded = tok.encode_batch([text for text, _, _ in chunk])
                 for (_, last, progress), ids in zip(chunk, encoded):
                     split = ("val" if n_docs % VAL_EVERY == 0 else "train") if holdout else name
-                    if last:  # <|endoftext|> between documents, not between pieces of one
-                        ids.append(EOT)
+                    if last:  # the end-of-document token between documents, not between pieces of one
+                        ids.append(tok.vocab.eod)
                         n_docs += 1
                     ids = ids[:budget - counts[split]]  # the cap is exact, even inside a long document
-                    np.asarray(ids, dtype=np.uint16).tofile(files[split])
+                    np.asarray(ids, dtype=dtype).tofile(files[split])
                     counts[split] += len(ids)
                     bar.update(progress - done)
                     done = progress
@@ -263,7 +390,7 @@ def _tokenize(data, config, folder, max_tokens):
         shutil.rmtree(tmp)
         raise ValueError(f"--data {data} gave {counts['train']} training and {counts['val']} validation tokens; "
                          f"it needs at least 2 non-empty documents (every {VAL_EVERY}th is held out for validation)")
-    meta = dict(source=data, config=None if holdout else config, tokenizer="gpt2", format=FORMAT,
+    meta = dict(source=data, config=None if holdout else config, tokenizer=tok.name, dtype=np.dtype(dtype).name, format=FORMAT,
                 train_tokens=counts["train"], val_tokens=counts["val"], documents=n_docs,
                 empty_documents=_Counts.empty_documents, invalid_utf8_bytes=_Counts.invalid_utf8_bytes)
     with open(os.path.join(tmp, "meta.json"), "w") as f:
@@ -276,7 +403,7 @@ def _tokenize(data, config, folder, max_tokens):
 
 
 def _chunks(docs, chars=1 << 22):
-    """Groups pieces into ~4M-character chunks, the unit tokenized in parallel (tiktoken's threads)."""
+    """Groups pieces into ~4M-character chunks, the unit tokenized in parallel (tiktoken's or tokenizers' threads)."""
     chunk, size = [], 0
     for item in docs:
         chunk.append(item)
@@ -288,15 +415,21 @@ def _chunks(docs, chars=1 << 22):
         yield chunk
 
 
+def token_dtype(vocab):
+    """The narrowest unsigned integer that holds every id."""
+    return np.uint16 if vocab.n_ids <= 1 << 16 else np.uint32
+
+
 def load_tokens(folder, split):
     """The token stream of a split as a read-only memmap, checked against meta.json's length."""
     with open(os.path.join(folder, "meta.json")) as f:
-        n = json.load(f)[f"{split}_tokens"]
+        meta = json.load(f)
+    n, dtype = meta[f"{split}_tokens"], np.dtype(meta.get("dtype", "uint16"))
     path = os.path.join(folder, f"{split}.bin")
-    if not os.path.exists(path) or os.path.getsize(path) != 2 * n:
+    if not os.path.exists(path) or os.path.getsize(path) != dtype.itemsize * n:
         raise ValueError(f"{path} does not hold the {n} tokens meta.json promises (truncated?); "
                          f"delete {folder} and run again to rebuild it")
-    return np.memmap(path, dtype=np.uint16, mode="r")
+    return np.memmap(path, dtype=dtype, mode="r")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -324,20 +457,22 @@ def n_masked(seq_len, rate=MASK_PROB):
     return int(rate * (seq_len - 2) + 0.5)
 
 
-def mask_tokens(ids, example_ids, seed, rate=MASK_PROB):
+def mask_tokens(ids, example_ids, seed, rate=MASK_PROB, vocab=GPT2):
     """
     Dynamic masking (BERT): rate (15%) of the non-special positions; 80% of those become [MASK], 10% a
-    random token, 10% stay. ids: (B, T) -> (input_ids (B, T), positions (B, M), targets (B, M));
+    random ordinary token, 10% stay. ids: (B, T) -> (input_ids (B, T), positions (B, M), targets (B, M));
     targets are -100 where a row had fewer than M maskable positions.
     """
     B, T = ids.shape
+    is_special, ordinary = id_tables(vocab, ids.device)
     pick, action, random_token = (example_uniform(seed, example_ids, T, s) for s in range(3))
-    special = ids >= EOT
+    special = is_special[ids]
     positions = torch.where(special, 2.0, pick).topk(n_masked(T, rate), dim=1, largest=False).indices.sort(dim=1).values
     original = ids.gather(1, positions)
     maskable = ~special.gather(1, positions)
-    action, random_token = action.gather(1, positions), (random_token.gather(1, positions) * EOT).long()
-    new = torch.where(action < 0.8, MASK, torch.where(action < 0.9, random_token, original))
+    action = action.gather(1, positions)
+    random_token = ordinary[(random_token.gather(1, positions) * len(ordinary)).long()]
+    new = torch.where(action < 0.8, vocab.mask, torch.where(action < 0.9, random_token, original))
     input_ids = ids.scatter(1, positions, torch.where(maskable, new, original))
     return input_ids, positions, torch.where(maskable, original, -100)
 
@@ -368,9 +503,9 @@ def shuffle_order(batch, seed):
 class Batches:
     """Rows of T tokens: [CLS] + T-2 tokens of the packed stream (across documents) + [SEP]."""
 
-    def __init__(self, tokens, seq_len, seed, device, mask_rate=MASK_PROB, noise_draws=1):
+    def __init__(self, tokens, seq_len, seed, device, mask_rate=MASK_PROB, noise_draws=1, vocab=GPT2):
         self.tokens, self.seq_len, self.seed, self.device, self.mask_rate = tokens, seq_len, seed, device, mask_rate
-        self.noise_draws = noise_draws
+        self.noise_draws, self.vocab = noise_draws, vocab
         self.n_rows = len(tokens) // (seq_len - 2)
         self._order = (None, None)
 
@@ -385,11 +520,11 @@ class Batches:
         L = self.seq_len - 2
         rows = [self._row_order(int(e) // self.n_rows)[int(e) % self.n_rows] for e in example_ids]
         body = torch.from_numpy(np.stack([self.tokens[r * L:(r + 1) * L] for r in rows]).astype(np.int64))
-        ids = torch.cat([torch.full((len(rows), 1), CLS), body, torch.full((len(rows), 1), SEP)], dim=1)
+        ids = torch.cat([torch.full((len(rows), 1), self.vocab.cls), body, torch.full((len(rows), 1), self.vocab.sep)], dim=1)
         ex = torch.from_numpy(np.asarray(example_ids, dtype=np.int64))
         if self.device.type == "cuda":
             ids, ex = ids.pin_memory().to(self.device, non_blocking=True), ex.to(self.device, non_blocking=True)
-        input_ids, positions, targets = mask_tokens(ids, ex, self.seed, self.mask_rate)
+        input_ids, positions, targets = mask_tokens(ids, ex, self.seed, self.mask_rate, self.vocab)
         # the first draw is the same whatever the number of draws: a run's kept tokens do not depend on it
         noise = example_uniform(self.seed, ex, self.noise_draws * self.seq_len, stream=3)
         return Batch(input_ids, positions, targets, noise.view(len(rows), self.noise_draws, self.seq_len))

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from data import CLS, PAD, SEP, VOCAB_SIZE, get_encoding
+from data import GPT2, load_tokenizer, saved_tokenizer
 from model import SIZES, Bert, BertConfig, from_transformers
 from train import OneLineParser, adamw
 
@@ -209,41 +209,43 @@ def read_task(task, data_dir, max_train):
 # ---------------------------------------------------------------------------------------------
 # Tokens and batches
 
-def encode_pair(enc, a, b, max_len):
+def encode_pair(a, b, max_len, vocab=GPT2):
     """
-    [CLS] a [SEP] (b [SEP]) -> (ids, token types), at most max_len tokens. Too long, the longer text loses its
-    end first, and where both must lose, the shorter keeps half the room: transformers' "longest_first", so
-    that the exported tokenizer truncates as we do.
+    The ids of a text a and of a text b (or None) -> [CLS] a [SEP] (b [SEP]) as (ids, token types), at most
+    max_len tokens. Too long, the longer text loses its end first, and where both must lose, the shorter keeps
+    half the room: transformers' "longest_first", so that the exported tokenizer truncates as we do.
     """
-    a, b = enc.encode_ordinary(a), None if b is None else enc.encode_ordinary(b)
     room = max_len - (2 if b is None else 3)
     if b is None:
         a = a[:room]
     elif len(a) + len(b) > room:
         n_short = min(len(a), len(b), room // 2)
         a, b = (a[:n_short], b[:room - n_short]) if len(a) <= len(b) else (a[:room - n_short], b[:n_short])
-    ids = [CLS] + a + [SEP] + ([] if b is None else b + [SEP])
+    ids = [vocab.cls] + a + [vocab.sep] + ([] if b is None else b + [vocab.sep])
     return ids, [0] * (len(a) + 2) + [1] * (len(ids) - len(a) - 2)
 
 
-def tokenize(enc, examples, max_len):
-    """Examples -> ([(ids, token types) per pair], label)."""
-    return [([encode_pair(enc, a, b, max_len) for a, b in pairs], label) for pairs, label in examples]
+def tokenize(tok, examples, max_len):
+    """Examples -> ([(ids, token types) per pair], label), every text encoded in one batch (the tokenizer's threads)."""
+    texts = [t for pairs, _ in examples for pair in pairs for t in pair if t is not None]
+    ids = iter(tok.encode_batch(texts))
+    return [([encode_pair(next(ids), None if b is None else next(ids), max_len, tok.vocab) for a, b in pairs], label)
+            for pairs, label in examples]
 
 
-def collate(examples, device):
+def collate(examples, device, pad=GPT2.pad):
     """
     Tokenized examples -> input_ids, token_type_ids: (N, T) padded to the batch's longest row;
     attn_mask: (N, T) bool, True at real tokens; labels: (B,). N = B * choices: a choice task's
     rows are its examples' choices, in order.
     """
     seqs = [seq for seqs, _ in examples for seq in seqs]
-    ids = torch.full((len(seqs), max(len(s) for s, _ in seqs)), PAD)
+    ids = torch.full((len(seqs), max(len(s) for s, _ in seqs)), pad)
     types = torch.zeros_like(ids)
     for i, (row, row_types) in enumerate(seqs):
         ids[i, :len(row)], types[i, :len(row)] = torch.tensor(row), torch.tensor(row_types)
     labels = torch.tensor([label for _, label in examples])
-    return [t.to(device) for t in (ids, types, ids != PAD, labels)]
+    return [t.to(device) for t in (ids, types, ids != pad, labels)]
 
 
 def length_batches(examples, batch_size, rng=None):
@@ -304,12 +306,12 @@ def task_loss(task, out, labels):
 
 
 @torch.no_grad()
-def evaluate(model, task, examples, batch_size, device, autocast):
+def evaluate(model, task, examples, batch_size, device, autocast, pad=GPT2.pad):
     """{metric: dev score} of the model's predictions on examples."""
     model.eval()
     pred = np.empty(len(examples))
     for idx in length_batches(examples, batch_size):
-        *inputs, _ = collate([examples[j] for j in idx], device)
+        *inputs, _ = collate([examples[j] for j in idx], device, pad)
         with autocast:
             out = model(*inputs).view(len(idx), -1).float()
         pred[idx] = (out[:, 0] if task.labels is None else out.argmax(-1)).cpu().numpy()
@@ -342,7 +344,7 @@ def finetune(task, data, init, args, lr, seed):
         bar = tqdm(length_batches(train, bs, rng), desc=f"{task.name} lr {lr:g} seed {seed} epoch {epoch + 1}/{args.epochs}",
                    leave=False, dynamic_ncols=True)
         for idx in bar:
-            *inputs, labels = collate([train[j] for j in idx], args.device)
+            *inputs, labels = collate([train[j] for j in idx], args.device, init.tok.vocab.pad)
             with autocast:
                 loss = task_loss(task, model(*inputs).float(), labels)
             loss.backward()
@@ -354,12 +356,13 @@ def finetune(task, data, init, args, lr, seed):
             step += 1
             bar.set_postfix(loss=f"{loss.item():.3f}")
     if args.save_dir:  # the encoder alone, in train.py's format: --ckpt starts another fine-tuning from it
-        torch.save(dict(model=model.bert.state_dict(), model_config=init.model_config,
+        torch.save(dict(model=model.bert.state_dict(), model_config=init.model_config, config=dict(tokenizer=init.tok.name),
                         finetuned=f"{task.name} lr {lr:g} seed {seed}, from {init.source}"),
                    os.path.join(args.save_dir, f"{task.name}_lr{lr:g}_seed{seed}.pt"))
     scores = {}
     for suffix, split in task.dev:
-        scores.update({m + suffix: v for m, v in evaluate(model, task, data[split], 2 * bs, args.device, autocast).items()})
+        scores.update({m + suffix: v for m, v in evaluate(model, task, data[split], 2 * bs, args.device, autocast,
+                                                                  init.tok.vocab.pad).items()})
     return scores
 
 
@@ -390,19 +393,24 @@ def table(results):
 # Command line
 
 def load_init(args):
-    """The weights to start from: SimpleNamespace(model_config, state: a state_dict or None = random, source)."""
+    """The weights to start from: SimpleNamespace(model_config, state: a state_dict or None = random, source, tok: the
+    Tokenizer the weights were trained with)."""
     if args.ckpt is None:
         if args.init == "checkpoint":
             raise ValueError("--ckpt is missing; pass a checkpoint written by train.py (its --out_dir/ckpt.pt), "
                              "or --init random for the untrained baseline")
         arch = BertConfig(**SIZES[args.size])  # the default architecture at that size, as train.py builds it
-        return SimpleNamespace(model_config=asdict(arch), state=None,
+        return SimpleNamespace(model_config=asdict(arch), state=None, tok=load_tokenizer("gpt2"),
                                source=f"random init, --size {args.size} --position {arch.position} --norm {arch.norm}")
     if os.path.isdir(args.ckpt):  # a transformers model (train.py --export wrote it, or it was trained there since)
         try:
             bert = from_transformers(args.ckpt)
         except ValueError as e:
             raise ValueError(f"--ckpt: {e}") from None
+        try:  # the folder's own tokenizer (--export saves it), else gpt2
+            tok = load_tokenizer(args.ckpt)
+        except ValueError:
+            tok = load_tokenizer("gpt2")
         ckpt = dict(model=bert.state_dict(), model_config=asdict(bert.cfg), config=dict(size="-", mode="-"), step="-")
     elif not os.path.isfile(args.ckpt):
         raise ValueError(f"--ckpt {args.ckpt} does not exist; pass a checkpoint written by train.py (its --out_dir/ckpt.pt)")
@@ -413,10 +421,12 @@ def load_init(args):
             raise ValueError(f"--ckpt {args.ckpt} is not a PyTorch checkpoint ({type(e).__name__}); pass one written by train.py")
     if not isinstance(ckpt, dict) or not {"model", "model_config"} <= set(ckpt):
         raise ValueError(f"--ckpt {args.ckpt} is not a train.py checkpoint (no \"model\" and \"model_config\" entries)")
+    if os.path.isfile(args.ckpt):  # the tokenizer it records (finetune.py --save_dir's too)
+        tok = saved_tokenizer(os.path.dirname(args.ckpt), ckpt.get("config", {}).get("tokenizer"))
     cfg = ckpt["model_config"]
-    if cfg.get("vocab_size") != VOCAB_SIZE:
-        raise ValueError(f"--ckpt {args.ckpt} has a vocabulary of {cfg.get('vocab_size')} ids, not the {VOCAB_SIZE} of "
-                         f"data.py's tokenizer; fine-tune a checkpoint trained with this code's tokenizer")
+    if tok.vocab.n_ids > cfg.get("vocab_size", 0):
+        raise ValueError(f"--ckpt {args.ckpt} has a vocabulary of {cfg.get('vocab_size')} ids, fewer than the "
+                         f"{tok.vocab.n_ids} of its tokenizer {tok.name}")
     try:
         Bert(BertConfig(**cfg)).load_state_dict(ckpt["model"])
     except (TypeError, RuntimeError) as e:
@@ -426,8 +436,8 @@ def load_init(args):
                f"step {ckpt.get('step')}, --size {trained.get('size')}, --mode {trained.get('mode')}")
     source = f"{args.ckpt} ({history})"
     if args.init == "random":
-        return SimpleNamespace(model_config=cfg, state=None, source=f"random init, the architecture of {source}")
-    return SimpleNamespace(model_config=cfg, state=ckpt["model"], source=source)
+        return SimpleNamespace(model_config=cfg, state=None, tok=tok, source=f"random init, the architecture of {source}")
+    return SimpleNamespace(model_config=cfg, state=ckpt["model"], tok=tok, source=source)
 
 
 def task_names(spec):
@@ -452,8 +462,9 @@ def comma_list(text, kind, flag):
 def parse_args(argv=None):
     p = OneLineParser(description=__doc__)
     p.add_argument("--task", required=True, help=f"a task ({', '.join(TASKS)}), glue, superglue, or a comma list")
-    p.add_argument("--ckpt", help="a checkpoint written by train.py (its --out_dir/ckpt.pt), or a transformers model "
-                   "folder of this tokenizer's vocabulary (train.py --export; not a WordPiece BERT: the tasks are tokenized with gpt2 BPE)")
+    p.add_argument("--ckpt", help="a checkpoint written by train.py (its --out_dir/ckpt.pt), or a transformers masked-LM "
+                   "folder (train.py --export wrote it, or a BERT saved with its tokenizer); the tasks are tokenized with "
+                   "the tokenizer it was trained with")
     p.add_argument("--init", default="checkpoint", choices=["checkpoint", "random"],
                    help="random: the same architecture from random weights, the floor a checkpoint must clear")
     p.add_argument("--size", default="mini", choices=list(SIZES), help="the architecture of --init random without --ckpt")
@@ -503,16 +514,16 @@ def run(args):
             raise ValueError(message)
     if args.save_dir:
         os.makedirs(args.save_dir, exist_ok=True)
+        init.tok.save(args.save_dir)  # the checkpoints there record its name; the copy travels with them
     args.device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     if args.dtype == "auto":
         args.dtype = "bf16" if args.device.startswith("cuda") and torch.cuda.is_bf16_supported() else "fp32"
     print(json.dumps(vars(args), indent=1))
     print(f"init: {init.source}")
     data = {t.name: read_task(t, args.data_dir, args.max_train) for t in tasks}  # a missing file fails before training
-    enc = get_encoding()
     results = {}
     for task in tasks:
-        tokens = {split: tokenize(enc, examples, args.max_len) for split, examples in data[task.name].items()}
+        tokens = {split: tokenize(init.tok, examples, args.max_len) for split, examples in data[task.name].items()}
         runs = []
         for lr in lrs:
             for seed in seeds:

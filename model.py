@@ -11,6 +11,7 @@ Two architecture switches, recorded in BertConfig (so in every checkpoint):
 BertConfig's defaults are the pretraining recipe's (train.py takes them from here); the paper's
 BERT is position="absolute", dropout=0.1.
 """
+import re
 from dataclasses import dataclass
 
 import torch
@@ -47,6 +48,23 @@ SIZES = {
     "base": dict(n_layer=12, n_embd=768, n_head=12),
     "large": dict(n_layer=24, n_embd=1024, n_head=16),
 }
+
+
+def shape(size):
+    """A --size: a name of SIZES, or L<layers>-H<hidden>-A<heads> (Turc et al.'s naming, e.g. L6-H512-A8) -> its dims."""
+    if size in SIZES:
+        return SIZES[size]
+    m = re.fullmatch(r"L(\d+)-H(\d+)-A(\d+)", size)
+    if not m or min(map(int, m.groups())) < 1 or int(m[2]) % int(m[3]):
+        raise ValueError(f"--size {size} is neither one of {', '.join(SIZES)} nor L<layers>-H<hidden>-A<heads> "
+                         f"with the heads dividing the hidden size (e.g. L6-H512-A8)")
+    return dict(n_layer=int(m[1]), n_embd=int(m[2]), n_head=int(m[3]))
+
+
+def size_name(cfg):
+    """The --size of an architecture: its name in SIZES, else L<layers>-H<hidden>-A<heads>."""
+    dims = dict(n_layer=cfg.n_layer, n_embd=cfg.n_embd, n_head=cfg.n_head)
+    return next((s for s, d in SIZES.items() if d == dims), f"L{cfg.n_layer}-H{cfg.n_embd}-A{cfg.n_head}")
 
 
 def rotate(x, pos, inv_freq):

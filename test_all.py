@@ -4,6 +4,7 @@ They read only the repository's own fixtures (testdata/: a Wikipedia sample, a f
 format, the gpt2 BPE files).
 """
 import json
+import lzma
 import math
 import os
 import random
@@ -85,9 +86,9 @@ def test_shapes(position, norm):
     ids = torch.randint(0, 50000, (3, 16))
     positions = torch.tensor([[1, 5, 7]] * 3)
     logits, h_last_in, h_out = model(ids, positions)
-    assert logits.shape == (3, 3, data.VOCAB_SIZE)
+    assert logits.shape == (3, 3, data.GPT2.size)
     assert h_last_in.shape == h_out.shape == (3, 16, 128)
-    assert data.VOCAB_SIZE % 64 == 0 and data.VOCAB_SIZE > data.MASK
+    assert data.GPT2.size % 64 == 0 and data.GPT2.size > data.GPT2.mask
 
 
 def test_sparse_mlm_logits_equal_dense(cache):
@@ -150,7 +151,7 @@ def test_sctd_reads_states_through_the_same_final_layernorm(cache, norm):
     b, seen = real_batch(cache), {}
     model.layers[-1].register_forward_pre_hook(lambda m, a: seen.__setitem__("last_in", a[0]))
     model.layers[-1].register_forward_hook(lambda m, a, out: seen.__setitem__("out", out))
-    router = Router(data.VOCAB_SIZE, data.SPECIAL_IDS, data.PAD, data.CLS)
+    router = Router(data.GPT2.size, data.GPT2.special, data.GPT2.pad, data.GPT2.cls)
     for keep_idx in (None, router.select(b.input_ids, 32, b.noise[:, 0])):
         with torch.no_grad():
             _, h_last_in, h_out = model(b.input_ids, b.mlm_positions, keep_idx)
@@ -161,7 +162,7 @@ def test_sctd_reads_states_through_the_same_final_layernorm(cache, norm):
 def test_drop_path_compiles_and_matches_eager(cache):
     model = tiny_model(n_layer=4)
     b = real_batch(cache)
-    router = Router(data.VOCAB_SIZE, data.SPECIAL_IDS, data.PAD, data.CLS)
+    router = Router(data.GPT2.size, data.GPT2.special, data.GPT2.pad, data.GPT2.cls)
     keep_idx = router.select(b.input_ids, 32, b.noise[:, 0])
     compiled = torch.compile(model)
     with torch.no_grad():
@@ -250,19 +251,19 @@ def test_layerwise_draws_a_subset_per_layer_and_keeps_the_specials(cache):
     assert b.noise.shape == (4, 4, 64)
     assert torch.equal(b.noise[:, 0], real_batch(cache, seq_len=64).noise[:, 0])  # the first draw: as without layerwise
     cfg = train.TrainConfig(size="medium", mode="drop", router="random", layerwise=True, seq_len=64)
-    router = Router(data.VOCAB_SIZE, data.SPECIAL_IDS, data.PAD, data.CLS, kind="random")
+    router = Router(data.GPT2.size, data.GPT2.special, data.GPT2.pad, data.GPT2.cls, kind="random")
     keep_idx = train.kept_positions(router, b, cfg, 32)
     assert keep_idx.shape == (4, 4, 32)
     kept = [set(layer[0].tolist()) for layer in keep_idx]
     assert len({frozenset(k) for k in kept}) == 4  # four layers, four subsets
-    special = {i for i, t in enumerate(b.input_ids[0].tolist()) if t in data.SPECIAL_IDS}
+    special = {i for i, t in enumerate(b.input_ids[0].tolist()) if t in data.GPT2.special}
     assert special and all(special <= k for k in kept)
 
 
 def test_random_share_keeps_the_specials_and_part_of_the_budget_at_random():
-    router = Router(data.VOCAB_SIZE, data.SPECIAL_IDS, data.PAD, data.CLS)
+    router = Router(data.GPT2.size, data.GPT2.special, data.GPT2.pad, data.GPT2.cls)
     router.importance[100:108] = torch.arange(8.0)  # id 107 the most important
-    ids = torch.tensor([[data.CLS] + list(range(100, 108)) + [data.SEP]])
+    ids = torch.tensor([[data.GPT2.cls] + list(range(100, 108)) + [data.GPT2.sep]])
     draws = [torch.rand(1, 10, generator=torch.Generator().manual_seed(s)) for s in range(50)]
     assert {tuple(router.select(ids, 5, n)[0].tolist()) for n in draws} == {(0, 6, 7, 8, 9)}  # top-3 by importance
     picks = [set(router.select(ids, 5, n, n_random=2)[0].tolist()) for n in draws]
@@ -277,7 +278,7 @@ def test_dropped_tokens_rejoin_unchanged(cache):
     seen = {}
     model.layers[first].register_forward_pre_hook(lambda m, a: seen.__setitem__("first_in", a[0]))
     model.layers[last].register_forward_pre_hook(lambda m, a: seen.__setitem__("last_in", a[0]))
-    router = Router(data.VOCAB_SIZE, data.SPECIAL_IDS, data.PAD, data.CLS)
+    router = Router(data.GPT2.size, data.GPT2.special, data.GPT2.pad, data.GPT2.cls)
     keep_idx = router.select(b.input_ids, 32, b.noise[:, 0])
     with torch.no_grad():
         model(b.input_ids, b.mlm_positions, keep_idx)
@@ -288,13 +289,13 @@ def test_dropped_tokens_rejoin_unchanged(cache):
 
 
 def test_router_keeps_specials_and_drops_pad_first():
-    router = Router(data.VOCAB_SIZE, data.SPECIAL_IDS, data.PAD, data.CLS)
+    router = Router(data.GPT2.size, data.GPT2.special, data.GPT2.pad, data.GPT2.cls)
     router.importance[100:110] = torch.arange(10.0)  # id 109 most important
-    ids = torch.tensor([[data.CLS, 100, data.MASK, 109, 105, data.PAD, data.SEP, 101, data.PAD, 108]])
+    ids = torch.tensor([[data.GPT2.cls, 100, data.GPT2.mask, 109, 105, data.GPT2.pad, data.GPT2.sep, 101, data.GPT2.pad, 108]])
     keep = router.select(ids, 6, torch.rand(1, 10))
     assert keep.tolist() == [[0, 2, 3, 4, 6, 9]]  # specials, then 109 > 108 > 105; no [PAD]
     # with more pinned tokens than room, [CLS] still survives and [PAD] goes before everything else
-    ids = torch.tensor([[data.MASK] * 4 + [data.CLS] + [data.PAD] * 3])
+    ids = torch.tensor([[data.GPT2.mask] * 4 + [data.GPT2.cls] + [data.GPT2.pad] * 3])
     for seed in range(20):
         keep = router.select(ids, 3, torch.rand(1, 8, generator=torch.Generator().manual_seed(seed)))
         assert 4 in keep.tolist()[0] and max(keep.tolist()[0]) <= 4
@@ -302,14 +303,14 @@ def test_router_keeps_specials_and_drops_pad_first():
 
 
 def test_router_breaks_ties_at_random():
-    router = Router(data.VOCAB_SIZE, data.SPECIAL_IDS, data.PAD, data.CLS)
-    ids = torch.tensor([[data.CLS] + [7] * 15])
+    router = Router(data.GPT2.size, data.GPT2.special, data.GPT2.pad, data.GPT2.cls)
+    ids = torch.tensor([[data.GPT2.cls] + [7] * 15])
     picks = {tuple(router.select(ids, 4, torch.rand(1, 16)).tolist()[0]) for _ in range(20)}
     assert len(picks) > 5 and all(p[0] == 0 for p in picks)
 
 
 def test_importance_update_hand_computed():
-    router = Router(data.VOCAB_SIZE, data.SPECIAL_IDS, data.PAD, data.CLS, beta=0.9)
+    router = Router(data.GPT2.size, data.GPT2.special, data.GPT2.pad, data.GPT2.cls, beta=0.9)
     # id 5 occurs twice (losses 2 and 4 -> mean 3), id 9 once (loss 1), one ignored slot
     router.observe(None, torch.tensor([5, 9, 5, -100]), torch.tensor([2.0, 1.0, 4.0, 50.0]))
     router.update()
@@ -319,14 +320,14 @@ def test_importance_update_hand_computed():
     router.observe(None, torch.tensor([5]), torch.tensor([0.0]))
     router.update()
     assert router.importance[5].item() == pytest.approx(0.9 * (0.9 * 10 + 0.1 * 3))
-    assert router.importance[data.MASK] > 1e30 and router.importance[data.PAD] == float("-inf")
+    assert router.importance[data.GPT2.mask] > 1e30 and router.importance[data.GPT2.pad] == float("-inf")
 
 
 def test_frequency_router_keeps_rare_tokens():
-    router = Router(data.VOCAB_SIZE, data.SPECIAL_IDS, data.PAD, data.CLS, kind="frequency")
+    router = Router(data.GPT2.size, data.GPT2.special, data.GPT2.pad, data.GPT2.cls, kind="frequency")
     router.observe(torch.tensor([[3, 3, 3, 4]]), None, None)
     router.update()
-    keep = router.select(torch.tensor([[data.CLS, 3, 4, 5]]), 3, torch.rand(1, 4))
+    keep = router.select(torch.tensor([[data.GPT2.cls, 3, 4, 5]]), 3, torch.rand(1, 4))
     assert keep.tolist() == [[0, 2, 3]]
 
 
@@ -359,8 +360,8 @@ def test_mlm_loss_ignores_unfilled_slots():
 def test_packing_cls_first_sep_last(cache):
     b = real_batch(cache, batch_size=8, seq_len=40)
     assert b.input_ids.shape == (8, 40)
-    assert (b.input_ids[:, 0] == data.CLS).all() and (b.input_ids[:, -1] == data.SEP).all()
-    assert not (b.input_ids == data.PAD).any()  # packed rows: no padding in pretraining
+    assert (b.input_ids[:, 0] == data.GPT2.cls).all() and (b.input_ids[:, -1] == data.GPT2.sep).all()
+    assert not (b.input_ids == data.GPT2.pad).any()  # packed rows: no padding in pretraining
 
 
 @pytest.mark.parametrize("rate", [0.15, 0.3])
@@ -368,15 +369,15 @@ def test_masking_statistics(cache, rate):
     b = real_batch(cache, batch_size=512, seq_len=128, mask_rate=rate)
     targets, positions = b.mlm_targets, b.mlm_positions
     original = b.input_ids.clone().scatter_(1, positions, targets.clamp(min=0))
-    special = original >= data.EOT
+    special = original >= data.GPT2.eod
     valid = targets >= 0
     assert not special.gather(1, positions)[valid].any()  # a special token is never masked
     assert abs(valid.sum().item() / (~special).sum().item() - rate) < 0.01
     now, was = b.input_ids.gather(1, positions)[valid], targets[valid]
-    to_mask = (now == data.MASK).float().mean().item()
+    to_mask = (now == data.GPT2.mask).float().mean().item()
     unchanged = (now == was).float().mean().item()
     assert abs(to_mask - 0.8) < 0.02 and abs(unchanged - 0.1) < 0.02 and abs(1 - to_mask - unchanged - 0.1) < 0.02
-    assert (b.input_ids[:, 0] == data.CLS).all() and (b.input_ids[:, -1] == data.SEP).all()
+    assert (b.input_ids[:, 0] == data.GPT2.cls).all() and (b.input_ids[:, -1] == data.GPT2.sep).all()
 
 
 def test_masking_is_per_example_not_per_batch(cache):
@@ -392,7 +393,7 @@ def test_masking_is_per_example_not_per_batch(cache):
 def test_shuffle_order_moves_words_and_their_masks_together(cache):
     b = real_batch(cache, batch_size=6, seq_len=48)
     s = data.shuffle_order(b, seed=1)
-    assert (s.input_ids[:, 0] == data.CLS).all() and (s.input_ids[:, -1] == data.SEP).all()
+    assert (s.input_ids[:, 0] == data.GPT2.cls).all() and (s.input_ids[:, -1] == data.GPT2.sep).all()
     assert torch.equal(s.input_ids.sort(dim=1).values, b.input_ids.sort(dim=1).values)  # the same words per row
     assert not torch.equal(s.input_ids, b.input_ids)
     assert (s.mlm_positions.diff(dim=1) > 0).all()  # still increasing, as Batch promises
@@ -795,7 +796,6 @@ def test_ddp_equals_one_process_with_the_whole_batch(cache, tmp_path, mode, more
 
 def corpus_texts(n):
     """The first n paragraphs of the corpus, as they stand."""
-    import lzma
     texts = []
     with lzma.open(CORPUS, "rt") as f:
         for line in f:
@@ -808,25 +808,33 @@ EXPORTS = [("full", "absolute", "post", "BertForMaskedLM"), ("drop", "rotary", "
            ("sctd", "absolute", "pre", "RobertaPreLayerNormForMaskedLM")]
 
 
+def exported_logits(out_dir, folder, mask_id):
+    """(ours, theirs, the transformers model): the logits at 4 masked positions of 4 corpus rows, from the checkpoint in
+    out_dir and from its export in folder, each text tokenized by the exported tokenizer."""
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.AutoModelForMaskedLM.from_pretrained(folder).eval()
+    tok = transformers.AutoTokenizer.from_pretrained(folder)
+    ckpt = torch.load(os.path.join(out_dir, "ckpt.pt"), weights_only=True)
+    ours = Bert(BertConfig(**ckpt["model_config"])).eval()
+    ours.load_state_dict(ckpt["model"])
+    batch = tok(corpus_texts(4), max_length=48, truncation=True, padding="max_length", return_tensors="pt")
+    masked = torch.tensor([[3, 10, 20, 30]] * 4)
+    batch["input_ids"].scatter_(1, masked, mask_id)
+    with torch.no_grad():
+        _, h = ours.encode(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"].bool())
+        want = ours.mlm_logits(h, masked)
+        got = hf(**batch).logits.gather(1, masked[..., None].expand(-1, -1, want.shape[-1]))
+    return want, got, hf
+
+
 @pytest.mark.parametrize("mode,position,norm,cls_name", EXPORTS)
 def test_export_gives_the_same_logits_in_transformers(cache, tmp_path, mode, position, norm, cls_name):
     transformers = pytest.importorskip("transformers")
     run_train(tmp_path, cache, "--steps", 3, "--eval_every", 3, "--mode", mode, "--keep", "0.75",
               "--position", position, "--norm", norm, "--sctd_interval", 2)
     train.main(["--out_dir", str(tmp_path), "--export", str(tmp_path / "hf")])
-    hf = transformers.AutoModelForMaskedLM.from_pretrained(tmp_path / "hf").eval()
-    tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    want, got, hf = exported_logits(tmp_path, tmp_path / "hf", data.GPT2.mask)
     assert type(hf).__name__ == cls_name
-    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
-    ours = Bert(BertConfig(**ckpt["model_config"])).eval()
-    ours.load_state_dict(ckpt["model"])
-    batch = tok(corpus_texts(4), max_length=48, truncation=True, padding="max_length", return_tensors="pt")
-    masked = torch.tensor([[3, 10, 20, 30]] * 4)
-    batch["input_ids"].scatter_(1, masked, data.MASK)
-    with torch.no_grad():
-        _, h = ours.encode(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"].bool())
-        want = ours.mlm_logits(h, masked)
-        got = hf(**batch).logits.gather(1, masked[..., None].expand(-1, -1, want.shape[-1]))
     assert (got - want).abs().max() < 1e-4 and want.std() > 0.1
 
 
@@ -835,13 +843,14 @@ def test_exported_tokenizer_gives_our_ids():
     enc = data.get_encoding()
     tok = data.transformers_tokenizer()
     texts = corpus_texts(300)
-    assert tok(texts)["input_ids"] == [[data.CLS] + enc.encode_ordinary(t) + [data.SEP] for t in texts]
+    assert tok(texts)["input_ids"] == [[data.GPT2.cls] + enc.encode_ordinary(t) + [data.GPT2.sep] for t in texts]
     for max_len in (10_000, 64):  # [CLS] a [SEP] b [SEP], token types 0 then 1, truncated as finetune.py does
         pairs = tok(texts[:100], texts[100:200], max_length=max_len, truncation="longest_first")
         assert list(zip(pairs["input_ids"], pairs["token_type_ids"])) == \
-            [finetune.encode_pair(enc, a, b, max_len) for a, b in zip(texts[:100], texts[100:200])]
+            [finetune.encode_pair(enc.encode_ordinary(a), enc.encode_ordinary(b), max_len)
+             for a, b in zip(texts[:100], texts[100:200])]
     assert tok("Paris is the [MASK] of France.")["input_ids"] == \
-        [data.CLS, *enc.encode_ordinary("Paris is the"), data.MASK, *enc.encode_ordinary(" of France."), data.SEP]
+        [data.GPT2.cls, *enc.encode_ordinary("Paris is the"), data.GPT2.mask, *enc.encode_ordinary(" of France."), data.GPT2.sep]
     assert isinstance(tok, transformers.PreTrainedTokenizerBase)
 
 
@@ -874,9 +883,140 @@ def test_continued_pretraining_and_finetuning_start_from_an_export(cache, tmp_pa
 def test_a_variant_without_a_transformers_class_is_refused():
     pytest.importorskip("transformers")
     with pytest.raises(ValueError, match="no transformers class"):
-        to_transformers(tiny_model(position="rotary", norm="pre"), pad_token_id=data.PAD)
+        to_transformers(tiny_model(position="rotary", norm="pre"), pad_token_id=data.GPT2.pad)
     with pytest.raises(ValueError, match="no transformers class"):
-        to_transformers(tiny_model(position="alibi"), pad_token_id=data.PAD)
+        to_transformers(tiny_model(position="alibi"), pad_token_id=data.GPT2.pad)
+
+
+# ------------------------------------------------------------------------------------------------
+# Your own vocabulary: a Hugging Face tokenizer (testdata's WordPiece), continued pretraining of a WordPiece BERT
+
+WORDPIECE = os.path.join(TESTDATA, "wordpiece", "tokenizer.json")
+
+
+@pytest.fixture(scope="module")
+def wordpiece():
+    pytest.importorskip("transformers")
+    return data.load_tokenizer(WORDPIECE)
+
+
+def test_a_tokenizer_json_gives_the_roles_and_the_ids_of_its_own_library(wordpiece, tmp_path):
+    from tokenizers import Tokenizer
+    v = wordpiece.vocab  # a bare tokenizer.json names no roles: found by their usual tokens
+    assert (v.n_ids, v.size, v.pad, v.cls, v.sep, v.mask, v.eod, v.special) == (4000, 4032, 0, 2, 3, 4, 3, (0, 1, 2, 3, 4))
+    texts = corpus_texts(50)
+    assert wordpiece.encode_batch(texts) == [e.ids for e in Tokenizer.from_file(WORDPIECE).encode_batch(
+        texts, add_special_tokens=False)]
+    folder = data.prepare(CORPUS, cache_dir=str(tmp_path), tok=wordpiece)
+    assert folder != data.cache_folder(CORPUS, None, str(tmp_path), None)  # gpt2's tokens live elsewhere
+    meta = json.load(open(os.path.join(folder, "meta.json")))
+    assert (meta["tokenizer"], meta["dtype"]) == (WORDPIECE, "uint16")
+    with lzma.open(CORPUS, "rt") as f:  # the 1st document is held out: its ids, then [SEP] to end it
+        first = json.loads(f.readline())["text"]
+    assert data.load_tokens(folder, "val")[:meta["val_tokens"]].tolist()[:200] == \
+        (wordpiece.encode_batch([first])[0] + [v.sep])[:200]
+
+
+def test_masking_follows_the_vocabulary():
+    """Specials at the low ids (BERT's layout): never masked, never drawn as a random replacement."""
+    v = data.Vocab(n_ids=200, pad=0, cls=2, sep=3, mask=4, eod=3, special=(0, 1, 2, 3, 4))
+    ids = torch.randint(5, 200, (64, 40))
+    ids[:, 0], ids[:, -1], ids[:, 20] = v.cls, v.sep, 1  # [UNK] in the middle of each row
+    out, positions, targets = data.mask_tokens(ids, torch.arange(64), seed=0, vocab=v)
+    assert not ((positions == 0) | (positions == 39) | (positions == 20)).any()
+    changed = out.gather(1, positions) != ids.gather(1, positions)
+    replaced = out.gather(1, positions)[changed & (out.gather(1, positions) != v.mask)]
+    assert len(replaced) > 10 and replaced.min() >= 5 and replaced.max() < 200  # ordinary ids only
+
+
+def test_token_files_widen_for_a_vocabulary_above_65536_ids(tmp_path):
+    big = data.Vocab(n_ids=70_000, pad=69_996, cls=69_997, sep=69_998, mask=69_999, eod=69_998, special=tuple(range(69_996, 70_000)))
+    tok = data.Tokenizer("big", big, lambda texts: [[66_000 + len(w) for w in t.split()] for t in texts])
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("\n\n".join("a bb ccc" for _ in range(3)) + "\n")
+    folder = data.prepare(str(corpus), cache_dir=str(tmp_path / "cache"), tok=tok)
+    assert data.load_tokens(folder, "val").tolist() == [66_001, 66_002, 66_003, 69_998]  # uint16 would wrap
+    assert json.load(open(os.path.join(folder, "meta.json")))["dtype"] == "uint32"
+
+
+@pytest.mark.parametrize("mode", ["full", "drop", "sctd"])
+def test_pretraining_with_a_wordpiece_tokenizer(wordpiece, cache, tmp_path, mode):
+    log = run_train(tmp_path, cache, "--tokenizer", WORDPIECE, "--mode", mode, "--steps", 4, "--eval_every", 4,
+                    "--sctd_interval", 2)
+    assert all(math.isfinite(r["loss"]) for r in log) and log[0]["loss"] == pytest.approx(math.log(4032), abs=0.5)
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    assert ckpt["config"]["tokenizer"] == WORDPIECE and ckpt["model_config"]["vocab_size"] == 4032
+    assert ckpt["router"]["importance"].shape == (4032,) and (tmp_path / "tokenizer" / "tokenizer.json").exists()
+    if mode != "full":  # the router learned WordPiece ids, and never touched the pinned specials
+        imp = ckpt["router"]["importance"]
+        assert (imp[5:4000] != 10.0).any() == (mode != "full") and imp[wordpiece.vocab.pad] == float("-inf")
+
+
+def test_resume_with_a_tokenizer_that_has_moved(wordpiece, cache, tmp_path):
+    moved = tmp_path / "tok.json"
+    shutil.copy(WORDPIECE, moved)
+    args = ["--tokenizer", moved, "--mode", "drop", "--steps", 6, "--save_every", 3, "--eval_every", 100]
+    whole = run_train(tmp_path / "a", cache, *args)
+    (tmp_path / "b").mkdir()
+    shutil.copy(tmp_path / "a" / "ckpt_prev.pt", tmp_path / "b" / "ckpt.pt")  # the step-3 checkpoint
+    shutil.copytree(tmp_path / "a" / "tokenizer", tmp_path / "b" / "tokenizer")  # the run folder's copy travels
+    moved.unlink()
+    resumed = run_train(tmp_path / "b", cache, "--mode", "drop", "--steps", 6, "--eval_every", 100, "--resume")
+    assert [round(r["loss"], 5) for r in resumed] == [round(r["loss"], 5) for r in whole[3:]]
+    shutil.rmtree(tmp_path / "b" / "tokenizer")  # nowhere left to find it: one line saying where it looked
+    with pytest.raises(SystemExit, match=f"tokenizer {moved}, which loads neither from .*b/tokenizer nor from {moved}"):
+        run_train(tmp_path / "b", cache, "--steps", 6, "--resume")
+
+
+def tiny_wordpiece_bert(folder, vocab_size=4000):
+    """A transformers BertForMaskedLM of an L2-H64-A2 shape (none of model.SIZES), random weights, saved with
+    testdata's WordPiece as its tokenizer."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    hf = transformers.BertForMaskedLM(transformers.BertConfig(
+        vocab_size=vocab_size, hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=256))
+    hf.save_pretrained(folder)
+    transformers.PreTrainedTokenizerFast(tokenizer_file=WORDPIECE, cls_token="[CLS]", sep_token="[SEP]",
+                                         mask_token="[MASK]", pad_token="[PAD]", unk_token="[UNK]",
+                                         model_input_names=data.MODEL_INPUTS).save_pretrained(folder)
+    return folder
+
+
+def test_continued_pretraining_of_a_wordpiece_bert_exports_and_finetunes(wordpiece, cache, tmp_path, capsys):
+    transformers = pytest.importorskip("transformers")
+    bert = tiny_wordpiece_bert(tmp_path / "bert")
+    run_train(tmp_path / "out", cache, "--init_from", bert, "--mode", "drop", "--steps", 3, "--eval_every", 3)
+    assert "--size L2-H64-A2 --position absolute" in capsys.readouterr().err  # the model's shape and tokenizer, followed
+    ckpt = torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)
+    assert ckpt["config"]["tokenizer"] == str(bert) and ckpt["model_config"]["vocab_size"] == 4000
+    train.main(["--out_dir", str(tmp_path / "out"), "--export", str(tmp_path / "hf")])
+    tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    texts = corpus_texts(40)
+    assert tok(texts)["input_ids"] == [[2, *ids, 3] for ids in wordpiece.encode_batch(texts)]
+    want, got, _ = exported_logits(tmp_path / "out", tmp_path / "hf", wordpiece.vocab.mask)
+    assert (got - want).abs().max() < 1e-4 and want.std() > 0.01
+    scores = finetune.main(["--ckpt", str(tmp_path / "out" / "ckpt.pt"), "--task", "sst2", "--data_dir", TESTDATA,
+                            "--max_train", "32", "--epochs", "1", "--batch_size", "16", "--max_len", "64"])
+    assert 0 <= scores["sst2"]["median"]["acc"] <= 100
+    assert capsys.readouterr().out.count(f"init: {tmp_path / 'out' / 'ckpt.pt'}") == 1
+    init = finetune.load_init(finetune.parse_args(["--task", "sst2", "--ckpt", str(tmp_path / "hf")]))
+    assert init.tok.vocab == wordpiece.vocab  # the export's own tokenizer, not gpt2
+
+
+def test_bad_tokenizer_input(wordpiece, cache, tmp_path):
+    from tokenizers import Tokenizer, models
+    lacking = tmp_path / "lacking.json"  # a [CLS] and a [SEP], no [MASK] nor [PAD]
+    Tokenizer(models.WordLevel({"[UNK]": 0, "[CLS]": 1, "[SEP]": 2, "a": 3}, unk_token="[UNK]")).save(str(lacking))
+    small = tiny_wordpiece_bert(tmp_path / "small", vocab_size=1000)
+    offline = dict(HF_HUB_OFFLINE="1")
+    for args, words in [(["--tokenizer", "no/such/tokenizer.json"], ["--tokenizer", "does not exist"]),
+                        (["--tokenizer", "nobody/no-such-tokenizer"], ["--tokenizer", "neither gpt2 nor"]),
+                        (["--tokenizer", str(lacking)], ["lacks [MASK] and [PAD]"]),
+                        (["--init_from", str(small), "--tokenizer", WORDPIECE], ["4000 ids, more than the 1000 rows"])]:
+        code, err = run_cli("train.py", "--size", "tiny", "--data", CORPUS, "--cache_dir", str(tmp_path / "cache"),
+                            "--out_dir", str(tmp_path / "out"), *args, env=offline)
+        assert code != 0 and one_line_error(err, *words), err
+        assert not (tmp_path / "cache").exists() and not (tmp_path / "out").exists()  # nothing written
 
 
 # ------------------------------------------------------------------------------------------------
@@ -991,26 +1131,26 @@ def test_task_lists():
 def test_pair_encoding_truncates_the_longer_text():
     enc = data.get_encoding()
     a, b = " one two three four five six", " seven eight"
-    ids, types = finetune.encode_pair(enc, a, b, max_len=8)  # room for 5 text tokens: a loses 3
     A, B = enc.encode_ordinary(a), enc.encode_ordinary(b)
-    assert ids == [data.CLS] + A[:3] + [data.SEP] + B + [data.SEP]
+    ids, types = finetune.encode_pair(A, B, max_len=8)  # room for 5 text tokens: a loses 3
+    assert ids == [data.GPT2.cls] + A[:3] + [data.GPT2.sep] + B + [data.GPT2.sep]
     assert types == [0] * 5 + [1] * 3
-    ids, types = finetune.encode_pair(enc, a, None, max_len=5)
-    assert ids == [data.CLS] + A[:3] + [data.SEP] and types == [0] * 5
+    ids, types = finetune.encode_pair(A, None, max_len=5)
+    assert ids == [data.GPT2.cls] + A[:3] + [data.GPT2.sep] and types == [0] * 5
 
 
 def test_collate_pads_to_the_longest_row():
     examples = [([([1, 2, 3], [0, 0, 0]), ([4, 5], [0, 1])], 1), ([([6], [0]), ([7, 8, 9, 10], [0, 0, 1, 1])], 0)]
     ids, types, mask, labels = finetune.collate(examples, "cpu")
     assert ids.shape == types.shape == mask.shape == (4, 4)  # B * choices rows, T = the longest
-    assert ids[1].tolist() == [4, 5, data.PAD, data.PAD] and types[3].tolist() == [0, 0, 1, 1]
+    assert ids[1].tolist() == [4, 5, data.GPT2.pad, data.GPT2.pad] and types[3].tolist() == [0, 0, 1, 1]
     assert mask.sum(1).tolist() == [3, 2, 1, 4] and labels.tolist() == [1, 0]
 
 
 @pytest.mark.parametrize("pool", ["cls", "mean"])
 def test_padding_does_not_change_the_prediction(pool):
     model = finetune.Classifier(tiny_model(), n_out=3, pool=pool).eval()
-    short, long = [data.CLS, 10, 11, data.SEP], [data.CLS, *range(20, 30), data.SEP]
+    short, long = [data.GPT2.cls, 10, 11, data.GPT2.sep], [data.GPT2.cls, *range(20, 30), data.GPT2.sep]
     examples = [([(short, [0] * 4)], 0), ([(long, [0] * 6 + [1] * 6)], 1)]
     padded = model(*finetune.collate(examples, "cpu")[:3])[0]  # the short row padded to 12 tokens
     alone = model(*finetune.collate(examples[:1], "cpu")[:3])[0]
@@ -1046,7 +1186,7 @@ def test_a_probe_trains_the_head_alone_on_fixed_features(tiny_ckpt):
     args.device, args.dtype = "cpu", "fp32"
     init, task = finetune.load_init(args), finetune.TASKS["stsb"]
     rows = finetune.read_task(task, TESTDATA, 64)
-    examples = {split: finetune.tokenize(data.get_encoding(), r[:64], 32) for split, r in rows.items()}
+    examples = {split: finetune.tokenize(data.load_tokenizer(), r[:64], 32) for split, r in rows.items()}
     made = []
 
     class Kept(finetune.Classifier):  # keeps the model finetune() builds, and the head it starts from
@@ -1324,9 +1464,9 @@ def test_bad_finetune_input(args, flag, bad_ckpts, capsys):
 def foreign_models(tmp_path_factory):
     transformers = pytest.importorskip("transformers")
     folder = tmp_path_factory.mktemp("foreign")
-    small = dict(vocab_size=data.VOCAB_SIZE, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
+    small = dict(vocab_size=data.GPT2.size, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
     transformers.DistilBertForMaskedLM(transformers.DistilBertConfig(
-        vocab_size=data.VOCAB_SIZE, n_layers=1, n_heads=2, dim=16, hidden_dim=64)).save_pretrained(folder / "distil")
+        vocab_size=data.GPT2.size, n_layers=1, n_heads=2, dim=16, hidden_dim=64)).save_pretrained(folder / "distil")
     transformers.BertForMaskedLM(transformers.BertConfig(hidden_size=16, hidden_act="gelu_new", **small)).save_pretrained(folder / "gelu_new")
     (folder / "full").mkdir()
     (folder / "full" / "keep.txt").write_text("mine")

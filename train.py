@@ -14,7 +14,7 @@ import signal
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 
 import numpy as np
 import torch
@@ -22,11 +22,11 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from data import (CLS, DEFAULT_CONFIG, DEFAULT_DATA, MASK_PROB, PAD, SPECIAL_IDS, VOCAB_SIZE, Batches, cache_folder,
-                  load_tokens, n_masked, prepare, shuffle_order, transformers_tokenizer)
+from data import (DEFAULT_CONFIG, DEFAULT_DATA, MASK_PROB, Batches, cache_folder, load_tokenizer, load_tokens,
+                  n_masked, prepare, saved_tokenizer, shuffle_order)
 from dropping import ROUTERS, Router, kept_count, noise_draws, scheduled_count
 from loss import mlm_loss, sctd_loss, semantic_drift
-from model import NORMS, POSITIONS, SIZES, Bert, BertConfig, from_transformers, to_transformers
+from model import NORMS, POSITIONS, SIZES, Bert, BertConfig, from_transformers, shape, size_name, to_transformers
 
 MODES = ("full", "drop", "sctd")
 VAL_SEED = 0  # validation batches (and their masking) are the same for every run and mode
@@ -38,12 +38,17 @@ def arg(default, help, **kw):
 
 @dataclass
 class TrainConfig:
-    size: str = arg("base", "model size", choices=list(SIZES))
+    size: str = arg("base", f"model size: {', '.join(SIZES)}, or any L<layers>-H<hidden>-A<heads> (Turc et al.'s "
+                    "naming, e.g. L6-H512-A8)")
     mode: str = arg("full", "full: every layer sees every token; drop: token dropping; "
                     "sctd: token dropping plus a full pass and [CLS] alignment every --sctd_interval steps", choices=MODES)
     data: str = arg(DEFAULT_DATA, "a .txt (blank-line separated documents) or .jsonl (field \"text\") "
                     "file or folder, plain/.xz/.gz; or a Hugging Face dataset name")
     data_config: str = arg(DEFAULT_CONFIG, "configuration of a Hugging Face dataset")
+    tokenizer: str = arg(None, "gpt2 (tiktoken's BPE), or a Hugging Face fast tokenizer: a tokenizer.json, a folder one "
+                         "was saved in, or a hub name (bert-base-uncased); its special tokens give [CLS] [SEP] [MASK] "
+                         "[PAD]. Default: --init_from's own where it has one, else gpt2; --resume, --eval_only and "
+                         "--export use the checkpoint's", type=str)
     cache_dir: str = arg("data_cache", "where prepared token files are kept (one folder per source)")
     max_tokens: int = arg(None, "stop preparing after this many training tokens (default: all)", type=int)
     seq_len: int = arg(128, "tokens per row, [CLS] and [SEP] included (8..512)")
@@ -76,9 +81,10 @@ class TrainConfig:
                           "(use --router random), the others bypass it", action="store_true")
     keep_ramp: float = arg(0.0, "the kept share grows linearly from --keep to 1 over this fraction of the budget (of "
                            "--time_budget, else of --steps), in steps of 16 tokens, as random-LTD's schedule; 0: fixed")
-    full_end: float = arg(0.0, "the last fraction of the budget trains on the full sequence (every token in every layer)")
+    full_end: float = arg(0.0, "the last fraction of the budget trains on the full sequence (every token in every "
+                          "layer); 0: none")
     random_share: float = arg(0.0, "share of the kept tokens drawn at random among the ordinary tokens, the rest chosen "
-                              "by --router (top-k plus random picks, as TF Model Garden's routing layer offers)")
+                              "by --router (top-k plus random picks, as TF Model Garden's routing layer offers); 0: none")
     importance_beta: float = arg(0.995, "moving-average factor of the loss router's importance table")
     sctd_interval: int = arg(10, "ScTD: a full pass and the semantic constraints every Fi steps")
     sctd_lambda: float = arg(0.05, "ScTD: weight of the local + global KL constraints")
@@ -101,10 +107,9 @@ class TrainConfig:
     max_bad_steps: int = arg(10, "stop after this many non-finite steps in a row")
     prepare_only: bool = arg(False, "tokenize --data into --cache_dir and exit (e.g. once, before a multi-node run)",
                              action="store_true")
-    init_from: str = arg(None, "start from a transformers model (a folder --export wrote, or a BertForMaskedLM of this "
-                         "tokenizer's vocabulary) instead of random weights: continued pretraining. A WordPiece BERT "
-                         "(bert-base-uncased) loads in Python with model.from_transformers, but not here: the data "
-                         "is gpt2 BPE", type=str)
+    init_from: str = arg(None, "start from a transformers masked LM (a folder --export wrote, a BertForMaskedLM folder or "
+                         "hub name such as bert-base-uncased, of any shape) instead of random weights: continued "
+                         "pretraining, with the model's own tokenizer unless --tokenizer says otherwise", type=str)
     export: str = arg(None, "write the checkpoint in --out_dir to this folder as a transformers model and tokenizer "
                       "(AutoModelForMaskedLM/AutoTokenizer.from_pretrained read it) and exit", type=str)
     overwrite: bool = arg(False, "--export into a folder that is not empty", action="store_true")
@@ -143,7 +148,7 @@ def parse_args(argv=None):
 
 def check(cfg):
     """Bad input stops here, in one sentence naming the flag."""
-    M = n_masked(cfg.seq_len, cfg.mask_rate)
+    M, n_layer = n_masked(cfg.seq_len, cfg.mask_rate), shape(cfg.size)["n_layer"]
     rules = [
         (8 <= cfg.seq_len <= 512, f"--seq_len {cfg.seq_len} is outside 8..512 (the model has 512 positions)"),
         (M >= 1 and cfg.mask_rate < 1, f"--mask_rate {cfg.mask_rate} masks {M} of a row's {cfg.seq_len - 2} tokens; "
@@ -154,7 +159,7 @@ def check(cfg):
         (0 <= cfg.keep_ramp <= 1 and 0 <= cfg.full_end < 1 and 0 <= cfg.random_share < 1,
          f"--keep_ramp {cfg.keep_ramp} must be in [0, 1], --full_end {cfg.full_end} and --random_share {cfg.random_share} in [0, 1)"),
         (cfg.sctd_interval >= 1, f"--sctd_interval {cfg.sctd_interval} must be at least 1"),
-        (not cfg.layerwise or SIZES[cfg.size]["n_layer"] >= 3,
+        (not cfg.layerwise or n_layer >= 3,
          f"--layerwise drops in the layers between the first and the last, which --size {cfg.size} does not have"),
         (cfg.time_budget is None or cfg.time_budget > 0, f"--time_budget {cfg.time_budget} must be positive"),
         (cfg.time_budget is None or cfg.warmup is not None,
@@ -406,18 +411,14 @@ def setup(cfg):
     return rank, world, device, autocast
 
 
-def model_config(cfg):
+def model_config(cfg, vocab_size):
     """The architecture a TrainConfig asks for (a checkpoint stores it as its "model_config")."""
-    return BertConfig(**SIZES[cfg.size], dropout=cfg.dropout, position=cfg.position, norm=cfg.norm)
+    return BertConfig(**shape(cfg.size), vocab_size=vocab_size, dropout=cfg.dropout, position=cfg.position, norm=cfg.norm)
 
 
 def follow(cfg, arch, source):
     """--resume/--eval_only/--init_from: the architecture is the source's, whatever the flags say (a note names what differs)."""
-    size = next((s for s, dims in SIZES.items() if dims == dict(n_layer=arch.n_layer, n_embd=arch.n_embd, n_head=arch.n_head)), None)
-    if size is None or arch.vocab_size != VOCAB_SIZE:
-        raise ValueError(f"{source} has {arch.n_layer} layers, {arch.n_head} heads of {arch.n_embd} and {arch.vocab_size} ids: "
-                         f"not a --size of model.SIZES with data.py's {VOCAB_SIZE}-id vocabulary")
-    saved = dict(size=size, position=arch.position, norm=arch.norm)
+    saved = dict(size=size_name(arch), position=arch.position, norm=arch.norm)
     differ = [f"--{k} {v}" for k, v in saved.items() if v != getattr(cfg, k)]
     if differ:
         print(f"note: following {source}: {' '.join(differ)}", file=sys.stderr)
@@ -430,19 +431,20 @@ def export(cfg):
     if os.path.isdir(cfg.export) and os.listdir(cfg.export) and not cfg.overwrite:
         raise ValueError(f"--export {cfg.export} exists and is not empty; pass --overwrite to write into it")
     state = load_checkpoint(cfg.out_dir, master=False, flag="--export")
+    tok = saved_tokenizer(cfg.out_dir, state["config"].get("tokenizer"))
     model = Bert(BertConfig(**state["model_config"]))
     model.load_state_dict(state["model"])
-    hf = to_transformers(model, pad_token_id=PAD)
+    hf = to_transformers(model, pad_token_id=tok.vocab.pad)
     hf.save_pretrained(cfg.export)
-    transformers_tokenizer(model.cfg.max_position).save_pretrained(cfg.export)
+    tok.transformers(model.cfg.max_position).save_pretrained(cfg.export)
     print(f"wrote {cfg.export}: {type(hf).__name__} of the step-{state['step']} checkpoint in {cfg.out_dir}, and its tokenizer")
 
 
-def build(cfg, device):
-    """The model, router, optimizer and loss scaler a config asks for."""
+def build(cfg, device, vocab, arch=None):
+    """The model (of arch, else of the flags), router, optimizer and loss scaler a config asks for."""
     torch.manual_seed(cfg.seed)
-    model = Bert(model_config(cfg)).to(device)
-    router = Router(VOCAB_SIZE, SPECIAL_IDS, PAD, CLS, cfg.router, cfg.importance_beta).to(device)
+    model = Bert(arch or model_config(cfg, vocab.size)).to(device)
+    router = Router(model.cfg.vocab_size, vocab.special, vocab.pad, vocab.cls, cfg.router, cfg.importance_beta).to(device)
     return (model, router, *optimizer(model, cfg, device))
 
 
@@ -469,22 +471,43 @@ def example_ids(step, micro, cfg, rank, world):
 
 def starting_point(cfg, master):
     """
-    (checkpoint state, transformers model): the checkpoint of --resume/--eval_only or the model of --init_from,
-    whose architecture the run then follows; (None, None) for random weights. Runs before any data work, so a
-    missing checkpoint is an error at once.
+    (checkpoint state, transformers model, tokenizer, architecture): the checkpoint of --resume/--eval_only or the
+    model of --init_from, whose architecture and tokenizer the run then follows, or random weights (None, None, the
+    --tokenizer, None: the flags' architecture). Runs before any data work, so bad input is an error at once.
     """
+    state = init = arch = None
     if cfg.resume or cfg.eval_only:
         state = load_checkpoint(cfg.out_dir, master, "--eval_only" if cfg.eval_only else "--resume")
-        follow(cfg, BertConfig(**state["model_config"]), f"the checkpoint in {cfg.out_dir}")
-        return state, None
-    if cfg.init_from:
+        recorded = state["config"].get("tokenizer") or "gpt2"  # checkpoints from before --tokenizer are gpt2's
+        if cfg.tokenizer not in (None, recorded) and master:
+            print(f"note: following the checkpoint in {cfg.out_dir}: --tokenizer {recorded}", file=sys.stderr)
+        tok, arch = saved_tokenizer(cfg.out_dir, recorded), BertConfig(**state["model_config"])
+        source = f"the checkpoint in {cfg.out_dir}"
+    elif cfg.init_from:
         try:
             init = from_transformers(cfg.init_from)
         except ValueError as e:
             raise ValueError(f"--init_from: {e}") from None
-        follow(cfg, init.cfg, f"--init_from {cfg.init_from}")
-        return None, init
-    return None, None
+        tok, arch = load_tokenizer(cfg.tokenizer) if cfg.tokenizer else model_tokenizer(cfg.init_from), init.cfg
+        source = f"--init_from {cfg.init_from}"
+        if tok.vocab.n_ids > arch.vocab_size:
+            raise ValueError(f"the tokenizer {tok.name} has {tok.vocab.n_ids} ids, more than the {arch.vocab_size} rows "
+                             f"of {source}'s embedding; pass the model's own --tokenizer")
+    else:
+        tok = load_tokenizer(cfg.tokenizer or "gpt2")
+    cfg.tokenizer = tok.name
+    if arch is not None:
+        follow(cfg, arch, source)
+        arch = replace(arch, dropout=cfg.dropout)  # the weights' shape is the source's; dropout is this run's
+    return state, init, tok, arch
+
+
+def model_tokenizer(source):
+    """--init_from's own tokenizer where its folder or hub name has one, else gpt2."""
+    try:
+        return load_tokenizer(source)
+    except ValueError:
+        return load_tokenizer("gpt2")
 
 
 def fill_defaults(cfg, world):
@@ -494,11 +517,11 @@ def fill_defaults(cfg, world):
     cfg.lr = cfg.lr or {"base": 1e-4, "large": 1e-4, "small": 5e-4, "medium": 5e-4}.get(cfg.size, 1e-3)
 
 
-def load_data(cfg, folder, world, device):
+def load_data(cfg, folder, world, device, vocab):
     """The prepared corpus -> (training Batches, the fixed validation batches: the same in every run and mode)."""
-    draws = noise_draws(SIZES[cfg.size]["n_layer"], cfg.layerwise)
-    train_data = Batches(load_tokens(folder, "train"), cfg.seq_len, cfg.seed, device, cfg.mask_rate, draws)
-    val_data = Batches(load_tokens(folder, "val"), cfg.seq_len, VAL_SEED, device, noise_draws=draws)
+    draws = noise_draws(shape(cfg.size)["n_layer"], cfg.layerwise)
+    train_data = Batches(load_tokens(folder, "train"), cfg.seq_len, cfg.seed, device, cfg.mask_rate, draws, vocab)
+    val_data = Batches(load_tokens(folder, "val"), cfg.seq_len, VAL_SEED, device, noise_draws=draws, vocab=vocab)
     rows_per_step = cfg.batch_size * cfg.grad_accum * world
     if train_data.n_rows < rows_per_step or val_data.n_rows < 1:
         raise ValueError(f"--data {cfg.data} has {train_data.n_rows} training rows of {cfg.seq_len} tokens, fewer than "
@@ -546,21 +569,21 @@ def train(cfg):
         return export(cfg)
     rank, world, device, autocast = setup(cfg)
     master = rank == 0
-    state, init = starting_point(cfg, master)
+    state, init, tok, arch = starting_point(cfg, master)
     fill_defaults(cfg, world)
     step_times = read_step_times(cfg.step_times, cfg) if cfg.step_times else None
     if master:
         print(json.dumps(asdict(cfg), indent=1))
-        prepare(cfg.data, cfg.data_config, cfg.cache_dir, cfg.max_tokens)
+        prepare(cfg.data, cfg.data_config, cfg.cache_dir, cfg.max_tokens, tok)
     if world > 1:
         dist.barrier()  # the other ranks read what rank 0 prepared
-    folder = cache_folder(cfg.data, cfg.data_config, cfg.cache_dir, cfg.max_tokens)
+    folder = cache_folder(cfg.data, cfg.data_config, cfg.cache_dir, cfg.max_tokens, tok)
     if cfg.prepare_only:
         print(f"prepared {folder}")
         return
-    train_data, val_batches = load_data(cfg, folder, world, device)
+    train_data, val_batches = load_data(cfg, folder, world, device, tok.vocab)
 
-    model, router, opt, scaler = build(cfg, device)
+    model, router, opt, scaler = build(cfg, device, tok.vocab, arch)
     # seconds of training steps, when warm-up ended, and the steps of each kind so far (what bench.py models time from)
     step, clock = 0, dict(train_time=0.0, warmup_end=0.0, kinds={})
     if state is not None:
@@ -582,6 +605,7 @@ def train(cfg):
     if master:  # the run's flags beside its log: bench.py --runs reads the two, no checkpoint needed
         with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
             json.dump(asdict(cfg), f, indent=1)
+        tok.save(cfg.out_dir)
     log = open(os.path.join(cfg.out_dir, "log.jsonl"), "a") if master else None
     Stop.install()
     rows_per_step = cfg.batch_size * cfg.grad_accum * world
