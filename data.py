@@ -155,8 +155,9 @@ def load_tokenizer(name="gpt2"):
     eod = hf.eos_token_id if hf.eos_token is not None else hf.sep_token_id
     vocab = Vocab(n_ids=len(hf), pad=hf.pad_token_id, cls=hf.cls_token_id, sep=hf.sep_token_id, mask=hf.mask_token_id,
                   eod=eod, special=tuple(sorted(set(hf.all_special_ids) | {eod})))
-    backend = hf.backend_tokenizer
-    return Tokenizer(name, vocab, lambda texts: [e.ids for e in backend.encode_batch(texts, add_special_tokens=False)], hf)
+    # tokenizers >= 0.20 can skip the character offsets, which only cost time here (~30% of it for a WordPiece)
+    encode = getattr(hf.backend_tokenizer, "encode_batch_fast", hf.backend_tokenizer.encode_batch)
+    return Tokenizer(name, vocab, lambda texts: [e.ids for e in encode(texts, add_special_tokens=False)], hf)
 
 
 def saved_tokenizer(folder, name):
