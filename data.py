@@ -160,6 +160,14 @@ def load_tokenizer(name="gpt2"):
     return Tokenizer(name, vocab, lambda texts: [e.ids for e in encode(texts, add_special_tokens=False)], hf)
 
 
+def own_tokenizer(source):
+    """The tokenizer saved with a model (its folder or hub name), else gpt2 (--init_from, finetune.py --ckpt DIR)."""
+    try:
+        return load_tokenizer(source)
+    except ValueError:
+        return load_tokenizer("gpt2")
+
+
 def saved_tokenizer(folder, name):
     """The tokenizer a checkpoint in folder was trained with (name: as it records it): gpt2, else the copy the run
     kept in folder/tokenizer, else name itself (a hub name, or a path that still holds it)."""

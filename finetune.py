@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from data import GPT2, load_tokenizer, saved_tokenizer
+from data import GPT2, load_tokenizer, own_tokenizer, saved_tokenizer
 from model import SIZES, Bert, BertConfig, from_transformers
 from train import OneLineParser, adamw
 
@@ -407,10 +407,7 @@ def load_init(args):
             bert = from_transformers(args.ckpt)
         except ValueError as e:
             raise ValueError(f"--ckpt: {e}") from None
-        try:  # the folder's own tokenizer (--export saves it), else gpt2
-            tok = load_tokenizer(args.ckpt)
-        except ValueError:
-            tok = load_tokenizer("gpt2")
+        tok = own_tokenizer(args.ckpt)  # --export saves it beside the model
         ckpt = dict(model=bert.state_dict(), model_config=asdict(bert.cfg), config=dict(size="-", mode="-"), step="-")
     elif not os.path.isfile(args.ckpt):
         raise ValueError(f"--ckpt {args.ckpt} does not exist; pass a checkpoint written by train.py (its --out_dir/ckpt.pt)")

@@ -23,7 +23,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from data import (DEFAULT_CONFIG, DEFAULT_DATA, MASK_PROB, Batches, cache_folder, load_tokenizer, load_tokens,
-                  n_masked, prepare, saved_tokenizer, shuffle_order)
+                  n_masked, own_tokenizer, prepare, saved_tokenizer, shuffle_order)
 from dropping import ROUTERS, Router, kept_count, noise_draws, scheduled_count
 from loss import mlm_loss, sctd_loss, semantic_drift
 from model import NORMS, POSITIONS, SIZES, Bert, BertConfig, from_transformers, shape, size_name, to_transformers
@@ -488,7 +488,7 @@ def starting_point(cfg, master):
             init = from_transformers(cfg.init_from)
         except ValueError as e:
             raise ValueError(f"--init_from: {e}") from None
-        tok, arch = load_tokenizer(cfg.tokenizer) if cfg.tokenizer else model_tokenizer(cfg.init_from), init.cfg
+        tok, arch = load_tokenizer(cfg.tokenizer) if cfg.tokenizer else own_tokenizer(cfg.init_from), init.cfg
         source = f"--init_from {cfg.init_from}"
         if tok.vocab.n_ids > arch.vocab_size:
             raise ValueError(f"the tokenizer {tok.name} has {tok.vocab.n_ids} ids, more than the {arch.vocab_size} rows "
@@ -501,13 +501,6 @@ def starting_point(cfg, master):
         arch = replace(arch, dropout=cfg.dropout)  # the weights' shape is the source's; dropout is this run's
     return state, init, tok, arch
 
-
-def model_tokenizer(source):
-    """--init_from's own tokenizer where its folder or hub name has one, else gpt2."""
-    try:
-        return load_tokenizer(source)
-    except ValueError:
-        return load_tokenizer("gpt2")
 
 
 def fill_defaults(cfg, world):
