@@ -19,6 +19,7 @@ import gc
 import glob
 import importlib.util
 import json
+import math
 import os
 import statistics
 import sys
@@ -463,7 +464,7 @@ def compare_runs(args):
     """
     --runs: one row per run (the last evaluation; per target loss, the minutes to reach it and the saving against the
     full run of the same seed, measured and, with --step_times, modelled), then each method's saving over the seeds:
-    their mean and range.
+    their mean and range, and the lead of each method over the next, seed by seed (modelled where there is a model).
     """
     runs = [read_run(folder) for folder in args.runs]
     for run, method in zip(runs, method_labels([run["config"] for run in runs])):
@@ -520,14 +521,20 @@ def compare_runs(args):
         print(f"{line['method']}, saving at {line['target']:.3f} over {line['seeds']} seeds: "
               + "".join(f"{clock}mean {line[clock + 'mean']:+.0%}, range [{line[clock + 'min']:+.0%}, {line[clock + 'max']:+.0%}]"
                         + (f" ({line[clock + 'count']} seeds)" if line[clock + "count"] != line["seeds"] else "")
-                        + f"; by its {clock}step speed alone: mean {line[clock + 'speed_saving']:+.0%}; "
-                        for clock, _ in clocks if line[clock + "count"])
+                        + f"; by its {clock}step speed alone: mean {line[clock + 'speed_saving']:+.0%}"
+                        + ("" if line[clock + "promise_kept"] is None else f" (it keeps {line[clock + 'promise_kept']:.0%} of that)")
+                        + "; " for clock, _ in clocks if line[clock + "count"])
               + f"tokens vs full: mean {line['tokens_ratio']:.2f}x, range [{line['tokens_min']:.2f}x, {line['tokens_max']:.2f}x]")
+    leads = paired_leads(rows, targets, clocks[-1][0])
+    for lead in leads:
+        print(f"{lead['ahead']} ahead of {lead['behind']} at {lead['target']:.3f}, {clocks[-1][0]}saving seed by seed: "
+              f"by {100 * lead['mean']:+.0f} points, range [{100 * lead['min']:+.0f}, {100 * lead['max']:+.0f}]; ahead at "
+              f"{lead['wins']} of {lead['seeds']} seeds (sign test, one-sided: p = {lead['sign_p']:.3f})")
     if args.plot:
         plot_runs(runs, targets[0], args.plot, "model_time" if args.step_times else "train_time")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(dict(target_loss=targets, command=" ".join(sys.argv), rows=rows, savings=summary), f, indent=1)
+            json.dump(dict(target_loss=targets, command=" ".join(sys.argv), rows=rows, savings=summary, leads=leads), f, indent=1)
     return rows
 
 
@@ -549,10 +556,37 @@ def savings_over_seeds(rows, targets, clocks):
                 speed = [1 - 1 / r[f"{clock}steps/s vs full"] for r in mine if r[f"{clock}steps/s vs full"]]
                 line[clock + "count"] = len(savings)
                 if savings:
-                    line.update({clock + "mean": float(np.mean(savings)), clock + "min": min(savings),
-                                 clock + "max": max(savings), clock + "speed_saving": float(np.mean(speed))})
+                    mean, promise = float(np.mean(savings)), float(np.mean(speed))
+                    line.update({clock + "mean": mean, clock + "min": min(savings), clock + "max": max(savings),
+                                 clock + "speed_saving": promise, clock + "promise_kept": mean / promise if promise > 0 else None})
             summary.append(line)
     return summary
+
+
+def paired_leads(rows, targets, clock):
+    """
+    Whether one method's lead over another is larger than the seeds' spread. Per target, the methods ranked by their
+    mean saving on clock ("" measured, "modelled "), each against the next below it, on the seeds both have: the
+    difference of their savings seed by seed (its mean and range), at how many seeds the one ahead wins, and a one-sided
+    sign test's p (the chance of winning at least that many if neither method were better). One seed ranks nothing:
+    only pairs with two seeds or more.
+    """
+    leads = []
+    for target in targets:
+        key, savings = f"{clock}saving at {target:.3f}", {}
+        for r in rows:
+            if r["mode"] != "full" and r[key] is not None:
+                savings.setdefault(r["method"], {})[r["seed"]] = r[key]
+        ranked = sorted(savings, key=lambda m: -np.mean(list(savings[m].values())))
+        for ahead, behind in zip(ranked, ranked[1:]):
+            diffs = [savings[ahead][s] - savings[behind][s] for s in sorted(savings[ahead].keys() & savings[behind].keys())]
+            if len(diffs) < 2:
+                continue
+            n, wins = len(diffs), sum(d > 0 for d in diffs)
+            leads.append(dict(target=target, ahead=ahead, behind=behind, seeds=n, mean=float(np.mean(diffs)),
+                              min=min(diffs), max=max(diffs), wins=wins,
+                              sign_p=sum(math.comb(n, k) for k in range(wins, n + 1)) / 2 ** n))
+    return leads
 
 
 def plot_runs(runs, target, path, clock):

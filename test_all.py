@@ -1311,8 +1311,8 @@ def test_bench_times_runs_to_a_target_loss(tmp_path, capsys):
     assert drop["tokens vs full at 5.000"] == pytest.approx(0.75) and drop2["tokens vs full at 5.000"] == pytest.approx(1)
     assert drop["min to 4.100"] is None and drop["saving at 4.100"] is None  # never reached: a dash in the table
     out = capsys.readouterr().out
-    assert ("saving at 5.000 over 2 seeds: mean +38%, range [+25%, +50%]; by its step speed alone: mean +25%; "
-            "tokens vs full: mean 0.88x, range [0.75x, 1.00x]") in out
+    assert ("saving at 5.000 over 2 seeds: mean +38%, range [+25%, +50%]; by its step speed alone: mean +25% (it keeps "
+            "150% of that); tokens vs full: mean 0.88x, range [0.75x, 1.00x]") in out
     assert "saving at 4.100 over" not in out  # no seed reached it: no summary line
     # fine-tuning scores saved beside a run (finetune.py --json) become columns: each task's first metric, its median
     ft_runs = [dict(lr=1e-4, seed=s, scores=dict(f1=f, acc=a)) for s, f, a in [(0, 80, 70), (1, 90, 60), (2, 50, 50)]]
@@ -1366,10 +1366,32 @@ def test_bench_models_time_from_step_kinds_and_tells_methods_apart(tmp_path, cap
     assert ltd["modelled saving at 5.000"] == pytest.approx(1 - 8 / 40)
     out = capsys.readouterr().out
     assert ("drop (random router, layerwise), saving at 5.000 over 1 seeds: modelled mean +80%, range [+80%, +80%]; "
-            "by its modelled step speed alone: mean +60%; tokens vs full: mean 0.50x") in out
+            "by its modelled step speed alone: mean +60% (it keeps 133% of that); tokens vs full: mean 0.50x") in out
     fake_run(tmp_path / "wider", "drop", [(9, 10, 5.0)], router="random", layerwise=True, keep=0.75, **shape)
     with pytest.raises(ValueError, match="no time for drop k=48 layerwise"):
         bench.compare_runs(bench.parse_args(["--runs", str(tmp_path / "wider"), "--step_times", times]))
+
+
+def test_bench_pairs_each_method_with_the_next_seed_by_seed(tmp_path, capsys):
+    # three seeds; full reaches 5.0 at 20 s. A in 20 steps at 10/12/14 s (saves 50/40/30%, all of its step speed's
+    # promise); B in 30 steps at 15/11/16 s (saves 25/45/20%, its steps alone would save 50/63/47%)
+    for seed, a, b in [(1, 10, 15), (2, 12, 11), (3, 14, 16)]:
+        fake_run(tmp_path / f"full-{seed}", "full", [(9, 10, 6.0), (19, 20, 5.0)], seed=seed)
+        fake_run(tmp_path / f"a-{seed}", "drop", [(19, a, 5.0)], seed=seed, router="random")
+        fake_run(tmp_path / f"b-{seed}", "drop", [(29, b, 5.0)], seed=seed)
+    fake_run(tmp_path / "c-1", "drop", [(19, 1, 5.0)], seed=1, router="random", keep=0.25)  # one seed: first, paired with none
+    json_path = tmp_path / "runs.json"
+    bench.compare_runs(bench.parse_args(["--runs", *map(str, sorted(tmp_path.iterdir())), "--target_loss", "5.0",
+                                         "--json", str(json_path)]))
+    out = capsys.readouterr().out
+    assert "drop (random router), saving at 5.000 over 3 seeds: mean +40%, range [+30%, +50%]; by its step speed alone: mean +40% (it keeps 100% of that)" in out
+    assert "drop (loss router), saving at 5.000 over 3 seeds: mean +30%" in out and "(it keeps 56% of that)" in out
+    # A - B seed by seed: +25, -5, +10 points; A wins 2 of 3: p = (3 + 1) / 8
+    assert ("drop (random router) ahead of drop (loss router) at 5.000, saving seed by seed: by +10 points, range [-5, +25]; "
+            "ahead at 2 of 3 seeds (sign test, one-sided: p = 0.500)") in out
+    [lead] = json.loads(json_path.read_text())["leads"]
+    assert (lead["seeds"], lead["wins"], lead["sign_p"]) == (3, 2, 0.5) and lead["mean"] == pytest.approx(0.1)
+    assert "keep 0.25) ahead" not in out  # the one-seed method ranks first but leads nothing
 
 
 # ------------------------------------------------------------------------------------------------
