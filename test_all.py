@@ -892,6 +892,9 @@ def test_a_variant_without_a_transformers_class_is_refused():
 # Your own vocabulary: a Hugging Face tokenizer (testdata's WordPiece), continued pretraining of a WordPiece BERT
 
 WORDPIECE = os.path.join(TESTDATA, "wordpiece", "tokenizer.json")
+# spaces doubled, leading, trailing, alone; other whitespace; accents, CJK, special tokens inside words; a word over
+# WordPiece's 100 characters; nothing
+TRICKY_TEXTS = ["  a  b ", " ", "\tx\ny z", "Café naïve 東京 [MASK] x[SEP]y", "a" * 300 + " b", ""]
 
 
 @pytest.fixture(scope="module")
@@ -904,7 +907,9 @@ def test_a_tokenizer_json_gives_the_roles_and_the_ids_of_its_own_library(wordpie
     from tokenizers import Tokenizer
     v = wordpiece.vocab  # a bare tokenizer.json names no roles: found by their usual tokens
     assert (v.n_ids, v.size, v.pad, v.cls, v.sep, v.mask, v.eod, v.special) == (4000, 4032, 0, 2, 3, 4, 3, (0, 1, 2, 3, 4))
-    texts = corpus_texts(50)
+    # encoded word by word (each distinct word once), as the library encodes the texts whole
+    assert data.encodes_word_by_word(wordpiece.hf.backend_tokenizer)
+    texts = corpus_texts(50) + TRICKY_TEXTS
     assert wordpiece.encode_batch(texts) == [e.ids for e in Tokenizer.from_file(WORDPIECE).encode_batch(
         texts, add_special_tokens=False)]
     folder = data.prepare(CORPUS, cache_dir=str(tmp_path), tok=wordpiece)
@@ -915,6 +920,22 @@ def test_a_tokenizer_json_gives_the_roles_and_the_ids_of_its_own_library(wordpie
         first = json.loads(f.readline())["text"]
     assert data.load_tokens(folder, "val")[:meta["val_tokens"]].tolist()[:200] == \
         (wordpiece.encode_batch([first])[0] + [v.sep])[:200]
+
+
+def test_a_byte_level_bpe_is_encoded_whole_and_never_truncated(tmp_path):
+    """Byte-level BPE carries a space into the next word's token: no word-by-word shortcut. A tokenizer.json saved with
+    truncation on keeps every token of a long document."""
+    pytest.importorskip("transformers")
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.train_from_iterator(corpus_texts(20), trainers.BpeTrainer(vocab_size=400, special_tokens=["<s>", "</s>", "<pad>", "<mask>"]))
+    reference = [e.ids for e in bpe.encode_batch(corpus_texts(5) + TRICKY_TEXTS, add_special_tokens=False)]
+    bpe.enable_truncation(8)
+    bpe.save(str(tmp_path / "bpe.json"))
+    tok = data.load_tokenizer(str(tmp_path / "bpe.json"))
+    assert not data.encodes_word_by_word(tok.hf.backend_tokenizer)
+    assert tok.encode_batch(corpus_texts(5) + TRICKY_TEXTS) == reference and len(reference[0]) > 8
 
 
 def test_masking_follows_the_vocabulary():
