@@ -160,7 +160,7 @@ def load_tokenizer(name="gpt2"):
     backend.no_padding()
     if encodes_word_by_word(backend):
         return Tokenizer(name, vocab, functools.partial(encode_by_words, backend), hf)
-    # tokenizers >= 0.20 can skip the character offsets, which only cost time here (~30% of it for a WordPiece)
+    # the whole texts; tokenizers >= 0.20 can skip the character offsets, which only cost time here (~30% of it)
     encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
     return Tokenizer(name, vocab, lambda texts: [e.ids for e in encode(texts, add_special_tokens=False)], hf)
 

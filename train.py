@@ -502,7 +502,6 @@ def starting_point(cfg, master):
     return state, init, tok, arch
 
 
-
 def fill_defaults(cfg, world):
     """The defaults that depend on the number of processes, the steps or the size (BERT's where it has one)."""
     cfg.batch_size = cfg.batch_size or max(1, 256 // world)
