@@ -922,6 +922,28 @@ def test_a_tokenizer_json_gives_the_roles_and_the_ids_of_its_own_library(wordpie
         (wordpiece.encode_batch([first])[0] + [v.sep])[:200]
 
 
+def test_word_by_word_sends_each_distinct_word_once_and_falls_back_to_whole_texts(wordpiece):
+    """The library sees each distinct word once, a separator between them; with no separator left (a word holds them
+    all), or the one left made by the normalizer from another character ("=" from "≠"), it gets the texts whole."""
+    from tokenizers import Tokenizer
+    library, calls = Tokenizer.from_file(WORDPIECE), []
+
+    def whole(texts):
+        calls.append(texts)
+        return [e.ids for e in library.encode_batch(texts, add_special_tokens=False)]
+
+    marks = [c for c, _ in data.separators(wordpiece.hf.backend_tokenizer)]
+    assert "=" in marks and "≠" not in marks and len(marks) > 10
+    for texts, once in ((corpus_texts(20), True), (["x".join(marks) + " a b"], False),
+                        (["x".join(m for m in marks if m != "=") + " a≠b c"], False)):
+        calls.clear()
+        assert data.encode_by_words(whole, data.separators(library), texts) == whole(texts)
+        if once:  # words and separators alternate: each distinct word once
+            sent = [w for part in calls[-2] for w in part.split(" ")[:-1]]
+            assert len(set(sent[1::2])) == 1 and sorted(sent[::2]) == sorted({w for t in texts for w in t.split(" ")})
+        else:
+            assert calls[-2] == texts
+
 def test_a_byte_level_bpe_is_encoded_whole_and_never_truncated(tmp_path):
     """Byte-level BPE carries a space into the next word's token: no word-by-word shortcut. A tokenizer.json saved with
     truncation on keeps every token of a long document."""
