@@ -197,21 +197,21 @@ def separators(backend):
             and backend.encode(f" {t} ", add_special_tokens=False).ids == [i]]
 
 
-def encode_by_words(whole, separators, texts):
+def encode_by_words(whole, marks, texts):
     """
-    The ids of texts (by a tokenizer for which encodes_word_by_word holds; whole: its call on whole texts), each
-    distinct word tokenized once: in a chunk of Wikipedia one word in eight is new, so the tokenizer's per-character
-    work shrinks ~6x, and numpy copies each word's ids to its every occurrence. The distinct words go to the library
-    as one text per core, each word followed by a separator that none of them contains, so the ids between two
-    separators are one word's (the character offsets would tell the same, at about twice the time). Exact: the
-    same ids as encoding the texts whole, which it falls back to if no separator fits.
+    The ids of texts (by a tokenizer for which encodes_word_by_word holds; whole: its call on whole texts; marks: its
+    separators()), each distinct word tokenized once: in a chunk of Wikipedia one word in eight is new, so the
+    tokenizer's per-character work shrinks ~6x, and numpy copies each word's ids to its every occurrence. The distinct
+    words go to the library as one text per core, each word followed by a separator that none of them contains, so the
+    ids between two separators are one word's (the character offsets would tell the same, at about twice the time).
+    Exact: the same ids as encoding the texts whole, which it falls back to when no separator fits.
     """
     if not texts:
         return []
     number = {}  # word -> its number, in order of first sight
     words = [np.array([number.setdefault(w, len(number)) for w in t.split(" ")], dtype=np.int64) for t in texts]
     distinct, present = list(number), set("".join(number))
-    sep, sep_id = next(((c, i) for c, i in separators if c not in present), (None, None))
+    sep, sep_id = next(((c, i) for c, i in marks if c not in present), (None, None))
     if sep is None:
         return whole(texts)
     parts, glue = min(os.cpu_count() or 1, len(distinct)), f" {sep} "
@@ -219,7 +219,7 @@ def encode_by_words(whole, separators, texts):
     ids = np.concatenate([np.array(e, dtype=np.int64) for e in whole(
         [glue.join(distinct[a:b]) + glue for a, b in zip(bounds, bounds[1:])])])
     at = np.flatnonzero(ids == sep_id)
-    if len(at) != len(distinct):  # the normalizer made the separator from another character (strip accents: "=" from "≠")
+    if len(at) != len(distinct):  # the normalizer made a separator of another character ("=" of "≠")
         return whole(texts)
     counts = np.diff(at, prepend=-1) - 1  # each distinct word's number of tokens
     ids, first = np.delete(ids, at), at - np.arange(len(at)) - counts  # where each word's tokens start in ids
