@@ -944,6 +944,7 @@ def test_word_by_word_sends_each_distinct_word_once_and_falls_back_to_whole_text
         else:
             assert calls[-2] == texts
 
+
 def test_a_byte_level_bpe_is_encoded_whole_and_never_truncated(tmp_path):
     """Byte-level BPE carries a space into the next word's token: no word-by-word shortcut. A tokenizer.json saved with
     truncation on keeps every token of a long document."""
