@@ -613,10 +613,10 @@ def plot_runs(runs, target, path, clock):
             points = [(r[x] / (1e6 if x == "tokens" else 60), r[y]) for r in run["evals"] if y in r]
             if points:
                 axes[i, j].plot(*zip(*points), **style)
-    names = dict(train_time="training minutes (evaluations, compilation not counted)",
-                 model_time="modelled training minutes (steps of each kind x bench.py's step times)", tokens="training tokens (millions)",
+    names = dict(train_time="training minutes (no evaluations or compilation)",
+                 model_time="modelled minutes (steps x bench.py's step times)", tokens="training tokens (millions)",
                  val_loss="validation MLM loss", val_order_gap="order gap (shuffled rows' loss - loss)",
-                 drift_kl_global="drift: KL of [CLS] leaving the encoder, dropped vs full pass")
+                 drift_kl_global="drift: KL of [CLS], dropped vs full pass")
     for i, j, x, y in panels:
         ax = axes[i, j]
         if y == "val_loss":
