@@ -414,7 +414,9 @@ def method_settings(config):
     """A run's method: its config without the seed and the bookkeeping, nor the settings its mode does not use; a
     setting an older run did not record has train.py's default."""
     unused = NOT_METHOD | (DROPPING | SCTD if config["mode"] == "full" else SCTD if config["mode"] == "drop" else set())
-    return {k: config.get(k, v) for k, v in TRAIN_DEFAULTS.items() if k not in unused}
+    settings = {k: config.get(k, v) for k, v in TRAIN_DEFAULTS.items() if k not in unused}
+    settings["tokenizer"] = settings["tokenizer"] or "gpt2"  # train.py records the one it used; before, gpt2 was the only one
+    return settings
 
 
 def method_labels(configs):

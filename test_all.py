@@ -1401,8 +1401,9 @@ def test_bench_models_time_from_step_kinds_and_tells_methods_apart(tmp_path, cap
     out = capsys.readouterr().out
     assert "drop (random router, keep 0.25, keep_ramp 0.5), saving at 5.000 over 1 seeds: mean +50%" in out
     assert "modelled mean +65%, range [+65%, +65%]" in out
-    # a run made on the modelled clock: its train_time measured nothing, so only its modelled columns fill
-    fake_run(tmp_path / "ltd", "drop", [(9, 99, 5.0)], router="random", layerwise=True, step_times=times,
+    # a run made on the modelled clock: its train_time measured nothing, so only its modelled columns fill; it
+    # records its tokenizer, which the older runs did not: the same gpt2, so no label shows it
+    fake_run(tmp_path / "ltd", "drop", [(9, 99, 5.0)], router="random", layerwise=True, step_times=times, tokenizer="gpt2",
              kinds=[{"drop k=32 layerwise": 10}], **shape)
     *_, ltd = bench.compare_runs(bench.parse_args(["--runs", *runs, str(tmp_path / "ltd"), "--target_loss", "5.0",
                                                    "--step_times", times]))
