@@ -591,6 +591,19 @@ def paired_leads(rows, targets, clock):
     return leads
 
 
+def legend_labels(runs):
+    """One legend entry per method, on its first run: the method and its seed, or how many seeds it has (the tables
+    tell the seeds apart; five seeds' line styles would not); None for its other runs."""
+    seeds = {}
+    for run in runs:
+        seeds.setdefault(run["method"], []).append(run["config"]["seed"])
+    labels = []
+    for run in runs:
+        its = seeds.pop(run["method"], None)  # None once its method has its entry
+        labels.append(its and (f"{run['method']}, seed {its[0]}" if len(its) == 1 else f"{run['method']}, {len(its)} seeds"))
+    return labels
+
+
 def plot_runs(runs, target, path, clock):
     """Validation loss against training minutes (clock: "train_time" measured, "model_time" modelled) and tokens; order
     gap and semantic drift against tokens. A line per run."""
@@ -601,14 +614,12 @@ def plot_runs(runs, target, path, clock):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(2, 2, figsize=(11, 8))
-    colors, seeds = {}, sorted({run["config"]["seed"] for run in runs})
+    colors = {}
     panels = [(0, 0, clock, "val_loss"), (0, 1, "tokens", "val_loss"), (1, 0, "tokens", "val_order_gap"),
               (1, 1, "tokens", "drift_kl_global")]
-    for run in runs:  # a color per method, a line style per seed
-        method = run["method"]
-        style = dict(label=f"{method}, seed {run['config']['seed']}", marker=".", markersize=3,
-                     color=colors.setdefault(method, f"C{len(colors)}"),
-                     linestyle=["-", "--", ":", "-."][seeds.index(run["config"]["seed"]) % 4])
+    for run, label in zip(runs, legend_labels(runs)):  # a color per method, its seeds' lines alike
+        style = dict(label=label, marker=".", markersize=3, linewidth=1,
+                     color=colors.setdefault(run["method"], f"C{len(colors)}"))
         for i, j, x, y in panels:
             if not timed(run, x):
                 continue
