@@ -656,6 +656,11 @@ def train(cfg):
     if master:
         log.close()
     if world > 1:
+        if dist.get_backend() == "gloo":
+            # Gloo frees a finished collective's tensors on its own thread, which needs the GIL: one still doing so
+            # when Python exits aborts the process. So wait for rank 0's checkpoint with the GIL released, through
+            # monitored_barrier: dist.barrier() would hold the last collective and free it as late as before.
+            dist.monitored_barrier()
         dist.destroy_process_group()
 
 
