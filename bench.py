@@ -50,9 +50,9 @@ def parse_args(argv=None):
     p.add_argument("--batch_size", type=int, help="rows per step (default: the largest of 64/32/16/8 that fits on GPU, 16 on CPU)")
     p.add_argument("--keep", type=float, nargs="+", default=[train.TrainConfig.keep],
                    help="token dropping: fractions of tokens kept, in (0, 1]; each gets a row per --modes (default: 0.5)")
-    p.add_argument("--modes", nargs="+", choices=BENCH_MODES, default=["drop", "sctd"], help="the step kinds to time at "
-                   "each --keep beside full: drop (Hou et al.'s layers), sctd (its step and the hybrid average), layerwise "
-                   "(random-LTD's layers: train.py --layerwise)")
+    p.add_argument("--modes", nargs="+", choices=BENCH_MODES, default=["drop", "sctd"], help="the step kinds timed at each "
+                   "--keep beside full: drop (Hou et al.'s layers), sctd (its step, the hybrid's average); layerwise: "
+                   "random-LTD's layers, for drop and sctd")
     p.add_argument("--position", default=train.TrainConfig.position, choices=train.POSITIONS,
                    help="the model's position scheme, as train.py --position")
     p.add_argument("--norm", default=train.TrainConfig.norm, choices=train.NORMS, help="post- or pre-LN, as train.py --norm")
@@ -69,11 +69,10 @@ def parse_args(argv=None):
                    "the time each took to reach --target_loss, from log.jsonl")
     p.add_argument("--target_loss", type=float, nargs="+", help="--runs: the validation losses to time (default: the "
                    "highest of the runs' best, so that every run reaches it)")
-    p.add_argument("--step_times", help="--runs: a bench.py --json file of the runs' machine and shape: adds each run's "
-                   "modelled minutes to each target (its steps of each kind times bench's median step time of that kind), "
-                   "free of the clock a run happened to have")
-    p.add_argument("--plot", help="--runs: also draw validation loss against training time and tokens, and the order "
-                   "gap and drift against tokens, into this image (needs matplotlib: pip install matplotlib)")
+    p.add_argument("--step_times", help="--runs: a bench.py --json file of the runs' shape: each run's modelled minutes to "
+                   "each target (its steps of each kind times bench's median time of that kind), free of the run's clock")
+    p.add_argument("--plot", help="--runs: also draw the loss against time and tokens, the order gap and drift against "
+                   "tokens, into this image (pip install matplotlib)")
     return p.parse_args(argv)
 
 
@@ -98,10 +97,8 @@ def our_step(cfg, device, autocast, batches):
 
 
 def hf_step(cfg, device, autocast, batches):
-    """
-    (fn(round r), version): the peer, transformers.BertForMaskedLM with SDPA attention and our shape, dropout,
-    dtype, compile and AdamW settings. It takes labels (B, T), so it computes the logits of all T positions.
-    """
+    """(fn(round r), version): the peer, transformers.BertForMaskedLM with SDPA attention and our shape, dropout, dtype,
+    compile and AdamW settings. It takes labels (B, T), so it computes the logits of all T positions."""
     import transformers
     shape = SIZES[cfg.size]
     hf = transformers.BertForMaskedLM(transformers.BertConfig(
@@ -126,10 +123,8 @@ def hf_step(cfg, device, autocast, batches):
 
 
 def time_steps(steps, warmup, timed, device, desc):
-    """
-    steps: {name: fn(round)}. Returns {name: median seconds}, {name: interquartile range / median} and
-    {name: the most bytes a step allocated on top of what was resident before it, None on CPU}.
-    """
+    """steps: {name: fn(round)}. Returns {name: median seconds}, {name: interquartile range / median} and
+    {name: the most bytes a step allocated on top of what was resident before it, None on CPU}."""
     cuda, names = device.type == "cuda", list(steps)
     seconds, peak = {name: [] for name in steps}, dict.fromkeys(steps)
     for r in tqdm(range(warmup + timed), desc=desc, leave=False):
@@ -163,10 +158,8 @@ SYNCS = ("synchronize", "local_scalar_dense")  # a host that waits for the devic
 
 
 def profile_step(step, device):
-    """
-    One call of step() under torch.profiler -> ({kind of work: ms}, the 5 costliest ops as (name, ms), host-device
-    syncs). Self times of the device's kernels on a GPU, of the CPU's ops otherwise; each op in one kind of OP_KINDS.
-    """
+    """One call of step() under torch.profiler -> ({kind of work: ms}, the 5 costliest ops as (name, ms), host-device
+    syncs). Self times of the device's kernels on a GPU, of the CPU's ops otherwise; each op in one kind of OP_KINDS."""
     from torch.profiler import ProfilerActivity, profile
     cuda = device.type == "cuda"
     with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
@@ -198,8 +191,7 @@ def peak_tflops(device, dtype):
     """The device's dense bf16/fp16 peak in TFLOP/s; None on CPU, in fp32, or for a device PEAK_TFLOPS lacks."""
     if device.type != "cuda" or dtype == "fp32":
         return None
-    name = torch.cuda.get_device_name(device)
-    return next((tflops for part, tflops in PEAK_TFLOPS.items() if part in name), None)
+    return next((tflops for part, tflops in PEAK_TFLOPS.items() if part in torch.cuda.get_device_name(device)), None)
 
 
 def configs(args, run, size, seq_len, batch_size):
@@ -211,7 +203,9 @@ def configs(args, run, size, seq_len, batch_size):
                                 compile=run.compile, device=run.device, lr=1e-4, warmup=0)
         train.check(cfg)
         return cfg
-    modes = [(m, False) for m in ("drop", "sctd") if m in args.modes] + [("drop", True)] * ("layerwise" in args.modes)
+    modes = [(m, False) for m in ("drop", "sctd") if m in args.modes]
+    if "layerwise" in args.modes:  # random-LTD's layers: their dropping step, and with sctd their ScTD step
+        modes += [("drop", True)] + [("sctd", True)] * ("sctd" in args.modes)
     cfgs = [config("full")] + [config(mode, keep, layerwise) for keep in args.keep for mode, layerwise in modes]
     return {train.step_kind(cfg, train.kept_now(cfg, 0), cfg.mode == "sctd"): cfg for cfg in cfgs}
 
@@ -240,13 +234,13 @@ def shape_rows(args, run, size, seq_len, batch_size, device, autocast):
     flops["hf"] = 3 * model.forward_flops(batch_size, seq_len, seq_len)  # the peer's MLM head runs at all T positions
     names = {}  # row name -> (mode, keep, step kind)
     for kind, cfg in cfgs.items():
-        mode = "sctd_step" if cfg.mode == "sctd" else cfg.mode + " layerwise" * cfg.layerwise
-        names[kind] = (mode, None if cfg.mode == "full" else cfg.keep, kind)
+        layers = " layerwise" * cfg.layerwise
+        names[kind] = (("sctd_step" if cfg.mode == "sctd" else cfg.mode) + layers, None if cfg.mode == "full" else cfg.keep, kind)
         if cfg.mode == "sctd":  # ScTD's hybrid training: one ScTD step, then Fi-1 dropping steps; the ScTD step's memory peak
             drop, hybrid = kind.replace("sctd", "drop"), kind.replace("sctd", "sctd_hybrid")
             for d in (flops, seconds):
                 d[hybrid] = (d[kind] + (Fi - 1) * d[drop]) / Fi
-            memory[hybrid], spread[hybrid], names[hybrid] = memory[kind], None, ("sctd_hybrid", cfg.keep, None)
+            memory[hybrid], spread[hybrid], names[hybrid] = memory[kind], None, ("sctd_hybrid" + layers, cfg.keep, None)
     names["hf"] = ("hf", None, None)
     peak = peak_tflops(device, run.dtype)
     rows = [dict(size=size, seq_len=seq_len, batch_size=batch_size, keep=keep, mode=mode, kind=kind,
@@ -288,15 +282,14 @@ def print_table(rows, device, dtype, Fi, hf_version):
     print(f"IQR: the spread of the timed steps (interquartile range / median). "
           f"speedup: measured, over full; FLOPs predict: the same ratio of the matmul FLOPs each step executes. "
           f"sctd: the ScTD step, a dropped and a full pass; sctd_hybrid: the average step of ScTD's hybrid training (Fi={Fi}). "
-          f"drop layerwise: random-LTD's schedule, each of layers 1..L-2 on its own kept tokens.")
+          f"layerwise: random-LTD's schedule, each of layers 1..L-2 on its own kept tokens.")
     if gpu:
         print(f"MFU: against the dense {dtype} peak of the device" if first["mfu"] is not None else
               f"MFU: bench.py knows no dense {dtype} peak for {torch.cuda.get_device_name(device)} (PEAK_TFLOPS: bf16/fp16)")
         print("step GB: the peak a step allocates on top of the resident weights and AdamW moments")
-    if hf_version:
-        hf = rows[-1]
-        print(f"hf: transformers {hf_version} BertForMaskedLM; our full step runs {1 / hf['speedup']:.2f}x as fast "
-              f"(with {1 / hf['flops_speedup']:.2f}x fewer FLOPs: it computes the vocabulary logits at all {first['seq_len']} "
+    if hf_version:  # the peer's row is the last
+        print(f"hf: transformers {hf_version} BertForMaskedLM; our full step runs {1 / rows[-1]['speedup']:.2f}x as fast "
+              f"(with {1 / rows[-1]['flops_speedup']:.2f}x fewer FLOPs: it computes the vocabulary logits at all {first['seq_len']} "
               f"positions of a row, we only at the {n_masked(first['seq_len'])} masked ones)")
 
 
@@ -321,8 +314,7 @@ def benchmark(args):
         for seq_len in seq_lens:
             configs(args, run, size, seq_len, batch_sizes[0])  # bad flags stop here, before any timing
     if args.compare == "hf" and importlib.util.find_spec("transformers") is None:
-        print("--compare hf needs transformers (optional, not in requirements.txt): pip install transformers")
-        args.compare = None
+        raise ValueError("--compare hf needs transformers (optional, not in requirements.txt): pip install transformers")
     print(f"device: {device_name(device)} | torch {torch.__version__} | {run.dtype} | compile {'on' if run.compile else 'off'} "
           f"| --position {args.position} --norm {args.norm} | median of {args.steps} steps after {args.warmup} warm-up rounds")
     load = os.getloadavg()[0]

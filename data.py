@@ -94,8 +94,13 @@ class Tokenizer:
             self.hf.save_pretrained(os.path.join(folder, "tokenizer"))
 
     def transformers(self, max_len):
-        """The tokenizer to save beside an exported model."""
-        return transformers_tokenizer(max_len) if self.hf is None else self.hf
+        """The tokenizer to save beside an exported model, framing a text as pretraining did whatever template this one
+        had (a byte-level BPE a user trains often has none, and RoBERTa's frames pairs otherwise)."""
+        if self.hf is None:
+            return transformers_tokenizer(max_len)
+        from tokenizers import Tokenizer as Backend
+        roles = {f"{r}_token": getattr(self.hf, f"{r}_token") for r in ("cls", "sep", "mask", "pad", "unk", "bos", "eos")}
+        return as_transformers(Backend.from_str(self.hf.backend_tokenizer.to_str()), max_len, roles)
 
 
 # tiktoken's two gpt2 files (MIT, OpenAI's GPT-2 release) ship in the repository, named as tiktoken's cache names
@@ -156,6 +161,9 @@ def load_tokenizer(name="gpt2"):
     eod = hf.eos_token_id if hf.eos_token is not None else hf.sep_token_id
     vocab = Vocab(n_ids=len(hf), pad=hf.pad_token_id, cls=hf.cls_token_id, sep=hf.sep_token_id, mask=hf.mask_token_id,
                   eod=eod, special=tuple(sorted(set(hf.all_special_ids) | {eod})))
+    if vocab.n_ids <= len(vocab.special):  # what transformers builds of a model folder that has no tokenizer files
+        raise ValueError(f"--tokenizer {name} has only special tokens ({' '.join(hf.convert_ids_to_tokens(list(vocab.special)))}), "
+                         "no vocabulary to train on")
     backend = hf.backend_tokenizer
     backend.no_truncation()  # a tokenizer.json saved with truncation on would cut every document short
     backend.no_padding()
@@ -231,12 +239,14 @@ def encode_by_words(whole, marks, texts):
     return [t.tolist() for t in np.split(out, ends[np.cumsum([len(w) for w in words])[:-1] - 1])]
 
 
-def own_tokenizer(source):
-    """The tokenizer saved with a model (its folder or hub name), else gpt2 (--init_from, finetune.py --ckpt DIR)."""
+def own_tokenizer(source, flag, remedy):
+    """The tokenizer saved with a model (its folder or hub name: --init_from, finetune.py --ckpt DIR); missing or broken,
+    one sentence naming flag and source, and the remedy."""
     try:
         return load_tokenizer(source)
-    except ValueError:
-        return load_tokenizer("gpt2")
+    except ValueError as e:
+        raise ValueError(f"{flag} {source} holds no tokenizer that loads (it {str(e).removeprefix(f'--tokenizer {source} ')}); "
+                         f"{remedy}") from None
 
 
 def saved_tokenizer(folder, name):
@@ -260,13 +270,12 @@ GPT2_FILES = "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/" 
 def transformers_tokenizer(max_len=512):
     """
     This tokenizer as a transformers one (for an exported model): gpt2's byte-level BPE from the files
-    tiktoken reads (its cache), our four special tokens at their ids, and rows laid out as ours:
-    [CLS] a [SEP], pairs [CLS] a [SEP] b [SEP] with token types 0 then 1. [MASK] takes the space
-    before it, as a masked word took its space in pretraining ("Paris is the [MASK] of France").
+    tiktoken reads (its cache), our four special tokens at their ids, and rows laid out as ours
+    (as_transformers). [MASK] takes the space before it, as a masked word took its space in pretraining
+    ("Paris is the [MASK] of France").
     """
     from tiktoken.load import read_file_cached
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
     get_encoding()  # offline without the cache: its one-line error
     vocab = json.loads(read_file_cached(GPT2_FILES + "encoder.json"))
     merges = [tuple(line.split()) for line in read_file_cached(GPT2_FILES + "vocab.bpe").decode().splitlines()[1:] if line]
@@ -276,11 +285,21 @@ def transformers_tokenizer(max_len=512):
     specials = dict(zip(GPT2_SPECIAL_TOKENS[1:], GPT2.special[1:]))
     bpe.add_special_tokens([AddedToken(t, lstrip=t == "[MASK]", normalized=False) for t in specials])
     assert all(bpe.token_to_id(t) == i for t, i in specials.items()), "gpt2's vocabulary should end at <|endoftext|>"
-    bpe.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
-                                                       special_tokens=[("[CLS]", GPT2.cls), ("[SEP]", GPT2.sep)])
-    return PreTrainedTokenizerFast(tokenizer_object=bpe, model_max_length=max_len, pad_token="[PAD]",
-                                   cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]",
-                                   model_input_names=MODEL_INPUTS)
+    return as_transformers(bpe, max_len, dict(pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]"))
+
+
+def as_transformers(backend, max_len, roles):
+    """A tokenizers.Tokenizer -> the transformers tokenizer of an exported model (roles: cls_token=..., None = none),
+    framing rows as pretraining and finetune.encode_pair do: [CLS] a [SEP], pairs [CLS] a [SEP] b [SEP] with token
+    types 0 then 1."""
+    from tokenizers import processors
+    from transformers import PreTrainedTokenizerFast
+    cls, sep = roles["cls_token"], roles["sep_token"]
+    backend.post_processor = processors.TemplateProcessing(
+        single=f"{cls} $A {sep}", pair=f"{cls} $A {sep} $B:1 {sep}:1",
+        special_tokens=[(cls, backend.token_to_id(cls)), (sep, backend.token_to_id(sep))])
+    return PreTrainedTokenizerFast(tokenizer_object=backend, model_max_length=max_len, model_input_names=MODEL_INPUTS,
+                                   **{role: token for role, token in roles.items() if token is not None})
 
 
 # ---------------------------------------------------------------------------------------------

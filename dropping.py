@@ -86,15 +86,17 @@ class Router(nn.Module):
     kind="loss" (Hou et al.): imp[id] <- beta * imp[id] + (1 - beta) * mean MLM loss of id in the step.
     kind="frequency": imp[id] = -(times id was seen), so rare tokens are kept (an ablation in Hou et al.).
     kind="random": imp never changes, so the random tie-breaking alone decides (the other ablation).
+    layerwise: a draw per layer (random-LTD); random_share: that share of the kept tokens drawn at random (select()).
     Special ids are pinned and never updated: the allow list (every special id but [PAD]) is always
     kept, [CLS] above everything else so it survives in every row whatever the ties; [PAD] always dropped.
     """
 
-    def __init__(self, vocab_size, special_ids, pad_id, cls_id, kind="loss", beta=0.995, init=10.0):
+    def __init__(self, vocab_size, special_ids, pad_id, cls_id, kind="loss", beta=0.995, init=10.0, layerwise=False,
+                 random_share=0.0):
         super().__init__()
         if kind not in ROUTERS:
             raise ValueError(f"--router {kind!r} is unknown; choose one of {', '.join(ROUTERS)}")
-        self.kind, self.beta = kind, beta
+        self.kind, self.beta, self.layerwise, self.random_share = kind, beta, layerwise, random_share
         importance = torch.full((vocab_size,), 0.0 if kind == "frequency" else init)
         learned = torch.ones(vocab_size, dtype=torch.bool)
         for i in special_ids:
@@ -124,6 +126,15 @@ class Router(nn.Module):
         # a stable sort of randomly permuted scores = highest importance first, ties in random order
         top = score.sort(dim=1, descending=True, stable=True).indices[:, :k]
         return perm.gather(1, top).sort(dim=1).values
+
+    @torch.no_grad()
+    def kept_positions(self, input_ids, noise, k):
+        """input_ids: (B, T), noise: (B, D, T) -> the kept positions, (B, k) for Hou et al.'s schedule (the first draw),
+        or (D, B, k) for random-LTD's (layerwise: a draw per layer); random_share of each k drawn at random."""
+        n_random = int(self.random_share * k)
+        if not self.layerwise:
+            return self.select(input_ids, k, noise[:, 0], n_random)
+        return torch.stack([self.select(input_ids, k, draw, n_random) for draw in noise.unbind(1)])
 
     @torch.no_grad()
     def observe(self, input_ids, targets, token_losses):

@@ -26,8 +26,8 @@ from torch import nn
 from tqdm import tqdm
 
 from data import GPT2, load_tokenizer, own_tokenizer, saved_tokenizer
-from model import SIZES, Bert, BertConfig, from_transformers
-from train import OneLineParser, adamw
+from model import SIZES, Bert, BertConfig, adamw, from_transformers
+from train import OneLineParser
 
 WEIGHT_DECAY = 0.01
 HUB = {"glue": "nyu-mll/glue", "superglue": "aps/super_glue"}
@@ -407,7 +407,7 @@ def load_init(args):
             bert = from_transformers(args.ckpt)
         except ValueError as e:
             raise ValueError(f"--ckpt: {e}") from None
-        tok = own_tokenizer(args.ckpt)  # --export saves it beside the model
+        tok = own_tokenizer(args.ckpt, "--ckpt", "save the model's tokenizer into it (train.py --export does)")
         ckpt = dict(model=bert.state_dict(), model_config=asdict(bert.cfg), config=dict(size="-", mode="-"), step="-")
     elif not os.path.isfile(args.ckpt):
         raise ValueError(f"--ckpt {args.ckpt} does not exist; pass a checkpoint written by train.py (its --out_dir/ckpt.pt)")

@@ -240,6 +240,15 @@ TRANSFORMERS_CLASSES = {("post", "absolute"): "BertForMaskedLM", ("post", "rotar
                         ("pre", "absolute"): "RobertaPreLayerNormForMaskedLM"}
 
 
+def adamw(params, weight_decay, **kwargs):
+    """AdamW with no weight decay on LayerNorm weights and biases (the 1-d parameters): pretraining's and fine-tuning's.
+    Fused: the whole update in one kernel, on the CPU too."""
+    params = list(params)
+    groups = [dict(params=[p for p in params if p.dim() >= 2], weight_decay=weight_decay),
+              dict(params=[p for p in params if p.dim() < 2], weight_decay=0.0)]
+    return torch.optim.AdamW(groups, fused=params[0].device.type in ("cpu", "cuda"), **kwargs)
+
+
 def _transformers_names(cfg, cls_name):
     """
     Our state_dict names -> the transformers names of the same weights (qkv is their query, key and

@@ -31,8 +31,8 @@ import finetune  # noqa: E402
 import train  # noqa: E402
 from dropping import FIRST, LAST, LAYERWISE, Router, layer_schedule, scheduled_count  # noqa: E402
 from loss import cls_kl, mlm_loss, sctd_loss  # noqa: E402
-from model import (NORMS, POSITIONS, SIZES, Bert, BertConfig, SelfAttention, from_transformers, rotate,  # noqa: E402
-                   to_transformers)
+from model import (NORMS, POSITIONS, SIZES, Bert, BertConfig, SelfAttention, adamw, from_transformers,  # noqa: E402
+                   rotate, to_transformers)
 
 VARIANTS = [(p, n) for p in POSITIONS for n in NORMS]
 
@@ -250,9 +250,8 @@ def test_layerwise_draws_a_subset_per_layer_and_keeps_the_specials(cache):
                      torch.device("cpu"), noise_draws=4).get(np.arange(4))
     assert b.noise.shape == (4, 4, 64)
     assert torch.equal(b.noise[:, 0], real_batch(cache, seq_len=64).noise[:, 0])  # the first draw: as without layerwise
-    cfg = train.TrainConfig(size="medium", mode="drop", router="random", layerwise=True, seq_len=64)
-    router = Router(data.GPT2.size, data.GPT2.special, data.GPT2.pad, data.GPT2.cls, kind="random")
-    keep_idx = train.kept_positions(router, b, cfg, 32)
+    router = Router(data.GPT2.size, data.GPT2.special, data.GPT2.pad, data.GPT2.cls, kind="random", layerwise=True)
+    keep_idx = router.kept_positions(b.input_ids, b.noise, 32)
     assert keep_idx.shape == (4, 4, 32)
     kept = [set(layer[0].tolist()) for layer in keep_idx]
     assert len({frozenset(k) for k in kept}) == 4  # four layers, four subsets
@@ -472,7 +471,7 @@ def test_truncated_token_file_and_tiny_corpus_are_refused(cache, tmp_path):
 
 def test_adamw_decays_matrices_not_layernorm_weights_or_biases():
     model = tiny_model()
-    decay, no_decay = train.adamw(model.parameters(), 0.1, lr=1e-3).param_groups
+    decay, no_decay = adamw(model.parameters(), 0.1, lr=1e-3).param_groups
     names = {id(p): name for name, p in model.named_parameters()}
     layernorm_or_bias = {n for n in names.values() if "ln" in n or n.endswith("bias")}
     assert (decay["weight_decay"], no_decay["weight_decay"]) == (0.1, 0.0)
@@ -515,6 +514,7 @@ def test_tiny_model_learns(cache, tmp_path, capsys):
     assert sum(1 for _ in open(tmp_path / "log.jsonl")) == len(log)  # and nothing written
     run = bench.read_run(str(tmp_path))  # config.json beside log.jsonl: all bench.py --runs needs
     assert run["config"]["size"] == "tiny" and run["evals"][-1]["val_loss"] == val[-1]
+    assert run["config"]["data_config"] is None  # a local file: no hub configuration was used
 
 
 @pytest.mark.parametrize("mode", ["full", "sctd"])
@@ -792,6 +792,57 @@ def test_ddp_equals_one_process_with_the_whole_batch(cache, tmp_path, mode, more
 
 
 # ------------------------------------------------------------------------------------------------
+# train.py: the GPU path (torch.compile, bf16 autocast), checked on the CPU
+
+# ltd-ramp's flags at T=512, where the kept count grows through 24 values (128, 144, ..., 496: one a step), ScTD on
+# them (its full pass every 4th step), and Hou et al.'s loss router at a fixed half; a 3-layer model, the smallest in
+# which random-LTD has a middle layer (inductor's compilation takes most of these tests' time)
+GPU_PATH = {"ltd-ramp": ["--mode", "drop", "--router", "random", "--layerwise", "--keep", 0.25, "--keep_ramp", 1],
+            "sctd-ramp": ["--mode", "sctd", "--router", "random", "--layerwise", "--keep", 0.25, "--keep_ramp", 1,
+                          "--sctd_interval", 4],
+            "loss-router": ["--mode", "drop"]}
+
+
+def gpu_path_run(out_dir, cache, name, *args, seq_len=512, steps=24):
+    return run_train(out_dir, cache, "--size", "L3-H32-A1", "--seq_len", seq_len, "--steps", steps, "--eval_every", steps,
+                     *GPU_PATH[name], *args)
+
+
+@pytest.mark.parametrize("name", GPU_PATH)
+def test_compiled_training_gives_the_eager_losses_and_a_growing_count_compiles_once_more(cache, tmp_path, name):
+    from torch._dynamo.utils import counters
+    eager = gpu_path_run(tmp_path / "eager", cache, name)
+    torch._dynamo.reset()
+    counters.clear()
+    with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):  # past the limit torch would run eager, silently
+        compiled = gpu_path_run(tmp_path / "compiled", cache, name, "--compile")
+    graphs = counters["stats"]["unique_graphs"]
+    torch._dynamo.reset()
+    assert [r["kind"] for r in compiled] == [r["kind"] for r in eager]
+    counts = {r["kind"].split()[1] for r in eager if r["kind"] != "full"}  # "k=128", ... (ScTD's steps count too)
+    assert len(counts) == (1 if name == "loss-router" else 24)
+    # inductor may reorder float sums: the losses (~10.5) agree to 1e-4 over 24 steps (~1e-6 seen), not bitwise
+    assert max(abs(a["loss"] - b["loss"]) for a, b in zip(eager, compiled)) < 1e-4
+    assert abs(eager[-1]["val_loss"] - compiled[-1]["val_loss"]) < 1e-4
+    # the dropped pass at its first count, then one graph dynamic in the count for the 23 others; ScTD's full pass
+    # one more (the evaluation runs the model eager)
+    assert graphs == {"ltd-ramp": 2, "sctd-ramp": 3, "loss-router": 1}[name], graphs
+
+
+@pytest.mark.parametrize("name", GPU_PATH)
+def test_bf16_autocast_on_the_cpu_trains_and_its_checkpoint_loads(cache, tmp_path, name, capsys):
+    log = gpu_path_run(tmp_path, cache, name, "--dtype", "bf16", seq_len=128, steps=8)  # bf16 is emulated on most CPUs: slow
+    assert all(math.isfinite(r["loss"]) for r in log) and log[-1]["val_loss"] < log[0]["loss"]
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    assert ckpt["config"]["dtype"] == "bf16" and all(v.dtype != torch.bfloat16 for v in ckpt["model"].values())
+    capsys.readouterr()
+    train.main(["--size", "L3-H32-A1", "--data", CORPUS, "--cache_dir", cache, "--out_dir", str(tmp_path), "--seq_len",
+                "128", "--batch_size", "4", "--eval_iters", "2", "--dtype", "bf16", *map(str, GPU_PATH[name]), "--eval_only"])
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert printed["steps_done"] == 8 and abs(printed["val_loss"] - log[-1]["val_loss"]) < 1e-5
+
+
+# ------------------------------------------------------------------------------------------------
 # model.py, data.py, train.py: transformers interop (a test requirement: pip install -r requirements-test.txt)
 
 def corpus_texts(n):
@@ -1026,6 +1077,31 @@ def tiny_wordpiece_bert(folder, vocab_size=4000):
     return folder
 
 
+def test_the_export_frames_a_text_as_pretraining_did_whatever_the_tokenizer_had(cache, tmp_path):
+    """A RoBERTa-style byte-level BPE as a user trains it, <s> <pad> </s> <unk> <mask> and no template: the exported
+    tokenizer frames <s> a </s> and pairs <s> a </s> b </s> (token types 0 then 1) as pretraining and finetune.py do."""
+    transformers = pytest.importorskip("transformers")
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer, bpe.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    bpe.train_from_iterator(corpus_texts(200), trainers.BpeTrainer(
+        vocab_size=600, special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"]))
+    assert bpe.post_processor is None
+    bpe.save(str(tmp_path / "bpe.json"))
+    run_train(tmp_path / "out", cache, "--tokenizer", tmp_path / "bpe.json", "--steps", 2, "--eval_every", 2,
+              "--position", "absolute")
+    train.main(["--out_dir", str(tmp_path / "out"), "--export", str(tmp_path / "hf")])
+    ours, texts = data.load_tokenizer(str(tmp_path / "bpe.json")), corpus_texts(40)
+    v, ids = ours.vocab, ours.encode_batch(texts)
+    exported = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    assert (v.cls, v.sep) == (0, 2) and exported(texts)["input_ids"] == [[v.cls, *i, v.sep] for i in ids]
+    pairs = exported(texts[:20], texts[20:], max_length=64, truncation="longest_first")
+    assert list(zip(pairs["input_ids"], pairs["token_type_ids"])) == \
+        [finetune.encode_pair(a, b, 64, v) for a, b in zip(ids[:20], ids[20:])]
+    init = finetune.load_init(finetune.parse_args(["--task", "sst2", "--ckpt", str(tmp_path / "hf")]))
+    assert init.tok.vocab == v and init.tok.encode_batch(texts) == ids  # fine-tuning frames with encode_pair, as before
+
+
 def test_continued_pretraining_of_a_wordpiece_bert_exports_and_finetunes(wordpiece, cache, tmp_path, capsys):
     transformers = pytest.importorskip("transformers")
     bert = tiny_wordpiece_bert(tmp_path / "bert")
@@ -1051,7 +1127,15 @@ def test_bad_tokenizer_input(wordpiece, cache, tmp_path):
     from tokenizers import Tokenizer, models
     lacking = tmp_path / "lacking.json"  # a [CLS] and a [SEP], no [MASK] nor [PAD]
     Tokenizer(models.WordLevel({"[UNK]": 0, "[CLS]": 1, "[SEP]": 2, "a": 3}, unk_token="[UNK]")).save(str(lacking))
+    bare = tmp_path / "bare.json"  # every role, no ordinary token to mask or train on
+    Tokenizer(models.WordLevel({t: i for i, t in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"])},
+                               unk_token="[UNK]")).save(str(bare))
     small = tiny_wordpiece_bert(tmp_path / "small", vocab_size=1000)
+    untokenized = tmp_path / "untokenized"  # a BertForMaskedLM folder without tokenizer files
+    shutil.copytree(small, untokenized, ignore=shutil.ignore_patterns("tokenizer*", "special_tokens*", "vocab*"))
+    broken = tmp_path / "broken"  # its tokenizer.json cut short
+    shutil.copytree(small, broken)
+    (broken / "tokenizer.json").write_text((small / "tokenizer.json").read_text()[:100])
     offline = dict(HF_HUB_OFFLINE="1")
     for args, words in [(["--tokenizer", "no/such/tokenizer.json"], ["--tokenizer", "does not exist"]),
                         (["--tokenizer", "nobody/no-such-tokenizer"], ["--tokenizer", "neither gpt2 nor"]),
@@ -1061,6 +1145,15 @@ def test_bad_tokenizer_input(wordpiece, cache, tmp_path):
                             "--out_dir", str(tmp_path / "out"), *args, env=offline)
         assert code != 0 and one_line_error(err, *words), err
         assert not (tmp_path / "cache").exists() and not (tmp_path / "out").exists()  # nothing written
+    for args, words in [(["--tokenizer", str(bare)], "--tokenizer .* only special tokens"),  # local: in this process
+                        (["--init_from", str(untokenized)], f"--init_from {untokenized} .* only special .* pass --tokenizer"),
+                        (["--init_from", str(broken)], f"--init_from {broken} holds no tokenizer that loads .* pass --tokenizer")]:
+        with pytest.raises(SystemExit, match=f"^error: {words}"):
+            train.main(["--size", "tiny", "--data", CORPUS, "--cache_dir", str(tmp_path / "cache"),
+                        "--out_dir", str(tmp_path / "out"), *args])
+        assert not (tmp_path / "cache").exists() and not (tmp_path / "out").exists()
+    with pytest.raises(SystemExit, match=f"--ckpt {untokenized} holds no tokenizer that loads .*only special"):
+        finetune.main(["--task", "sst2", "--data_dir", TESTDATA, "--ckpt", str(untokenized)])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1467,6 +1560,7 @@ BAD_TRAIN_INPUT = [
     (["--mode", "drop", "--full_end", "1"], "--full_end"),
     (["--mode", "drop", "--random_share", "0.8"], "--random_share"),  # 51 of 64 kept at random: the 21 always kept do not fit
     (["--step_times", "no/such/bench.json"], "--step_times"),
+    (["--data_config", "wikitext-2-raw-v1"], "--data_config"),  # the corpus is a local file
     (["--resume", "--out_dir", "/nonexistent/out"], "--resume"),
 ]
 

@@ -22,11 +22,12 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from data import (DEFAULT_CONFIG, DEFAULT_DATA, MASK_PROB, Batches, cache_folder, load_tokenizer, load_tokens,
-                  n_masked, own_tokenizer, prepare, saved_tokenizer, shuffle_order)
+from data import (DEFAULT_CONFIG, DEFAULT_DATA, MASK_PROB, Batches, cache_folder, is_local_path, load_tokenizer,
+                  load_tokens, n_masked, own_tokenizer, prepare, saved_tokenizer, shuffle_order)
 from dropping import ROUTERS, Router, kept_count, noise_draws, scheduled_count
 from loss import mlm_loss, sctd_loss, semantic_drift
-from model import NORMS, POSITIONS, SIZES, Bert, BertConfig, from_transformers, shape, size_name, to_transformers
+from model import (NORMS, POSITIONS, SIZES, Bert, BertConfig, adamw, from_transformers, shape, size_name,
+                   to_transformers)
 
 MODES = ("full", "drop", "sctd")
 VAL_SEED = 0  # validation batches (and their masking) are the same for every run and mode
@@ -44,25 +45,25 @@ class TrainConfig:
                     "sctd: token dropping plus a full pass and [CLS] alignment every --sctd_interval steps", choices=MODES)
     data: str = arg(DEFAULT_DATA, "a .txt (blank-line separated documents) or .jsonl (field \"text\") "
                     "file or folder, plain/.xz/.gz; or a Hugging Face dataset name")
-    data_config: str = arg(DEFAULT_CONFIG, "configuration of a Hugging Face dataset")
-    tokenizer: str = arg(None, "gpt2 (tiktoken's BPE), or a Hugging Face fast tokenizer: a tokenizer.json, a folder one "
-                         "was saved in, or a hub name (bert-base-uncased); its special tokens give [CLS] [SEP] [MASK] "
-                         "[PAD]. Default: --init_from's own where it has one, else gpt2; --resume, --eval_only and "
-                         "--export use the checkpoint's", type=str)
+    data_config: str = arg(None, f"configuration of a Hugging Face dataset (default: {DEFAULT_CONFIG} for the default "
+                           "--data); a local file has none")
+    tokenizer: str = arg(None, "gpt2 (tiktoken's BPE), or a Hugging Face fast tokenizer (a tokenizer.json, a folder, a "
+                         "hub name such as bert-base-uncased) whose special tokens give [CLS] [SEP] [MASK] [PAD]. Default: "
+                         "--init_from's own, else gpt2; --resume, --eval_only and --export use the checkpoint's")
     cache_dir: str = arg("data_cache", "where prepared token files are kept (one folder per source)")
-    max_tokens: int = arg(None, "stop preparing after this many training tokens (default: all)", type=int)
+    max_tokens: int = arg(None, "stop preparing after this many training tokens (default: all)")
     seq_len: int = arg(128, "tokens per row, [CLS] and [SEP] included (8..512)")
     mask_rate: float = arg(MASK_PROB, "share of each row's tokens masked for the training loss (BERT: 0.15); "
                            "validation always masks 0.15, so losses compare across rates")
-    batch_size: int = arg(None, "rows per micro-batch per process (default: 256 / world size)", type=int)
+    batch_size: int = arg(None, "rows per micro-batch per process (default: 256 / world size)")
     grad_accum: int = arg(1, "micro-batches per optimizer step")
     steps: int = arg(1_000_000, "optimizer steps (BERT: 1M at batch 256)")
     time_budget: float = arg(None, "minutes of training (evaluations, checkpoints and compilation not counted) after "
                              "which the run ends; the lr then decays to 0 over that time instead of over --steps, which "
-                             "becomes a cap. For comparing modes at equal time; needs --warmup", type=float)
-    lr: float = arg(None, "peak learning rate (default by size: 1e-4 for base/large, 5e-4 small/medium, 1e-3 tiny/mini)", type=float)
+                             "becomes a cap. For comparing modes at equal time; needs --warmup")
+    lr: float = arg(None, "peak learning rate (default by size: 1e-4 for base/large, 5e-4 small/medium, 1e-3 tiny/mini)")
     warmup: int = arg(None, "linear warm-up steps, then linear decay to 0 at --steps "
-                      "(default: 10%% of --steps, at most 10,000 as in BERT)", type=int)
+                      "(default: 10%% of --steps, at most 10,000 as in BERT)")
     weight_decay: float = arg(0.01, "AdamW weight decay (none on LayerNorm weights and biases)")
     betas: tuple = arg((0.9, 0.98), "AdamW betas", nargs=2, type=float)
     eps: float = arg(1e-6, "AdamW epsilon")
@@ -76,13 +77,11 @@ class TrainConfig:
                          "that see each token about once: docs/recipe.md; finetune.py uses its own)")
     keep: float = arg(0.5, "token dropping: fraction of tokens the middle layers keep, in (0, 1]")
     router: str = arg("loss", "which tokens are kept: loss (Hou et al.), random or frequency (ablations)", choices=ROUTERS)
-    layerwise: bool = arg(False, "random-LTD's layer schedule (Yao et al. 2022) instead of Hou et al.'s: every layer but "
-                          "the first and the last runs on its own --keep share of the tokens, drawn anew for each layer "
-                          "(use --router random), the others bypass it", action="store_true")
+    layerwise: bool = arg(False, "random-LTD's layer schedule (Yao et al. 2022): every layer but the first and the last "
+                          "runs on its own draw of --keep of the tokens (use --router random)", action="store_true")
     keep_ramp: float = arg(0.0, "the kept share grows linearly from --keep to 1 over this fraction of the budget (of "
                            "--time_budget, else of --steps), in steps of 16 tokens, as random-LTD's schedule; 0: fixed")
-    full_end: float = arg(0.0, "the last fraction of the budget trains on the full sequence (every token in every "
-                          "layer); 0: none")
+    full_end: float = arg(0.0, "the last fraction of the budget trains full-sequence steps; 0: none")
     random_share: float = arg(0.0, "share of the kept tokens drawn at random among the ordinary tokens, the rest chosen "
                               "by --router (top-k plus random picks, as TF Model Garden's routing layer offers); 0: none")
     importance_beta: float = arg(0.995, "moving-average factor of the loss router's importance table")
@@ -94,7 +93,7 @@ class TrainConfig:
     device: str = arg("auto", "auto, cpu, cuda or cuda:N")
     step_times: str = arg(None, "a bench.py --json file: the training clock (--time_budget, the lr, --keep_ramp, "
                           "train_time in the log) then advances by the median time bench measured for each step's kind "
-                          "instead of the measured seconds, so equal-time runs do not depend on the machine's load", type=str)
+                          "instead of the measured seconds, so equal-time runs do not depend on the machine's load")
     seed: int = arg(1337, "seed of the initial weights, row order, masking and tie-breaking")
     out_dir: str = arg("out", "where log.jsonl and checkpoints go")
     log_every: int = arg(10, "steps between lines of log.jsonl")
@@ -109,9 +108,9 @@ class TrainConfig:
                              action="store_true")
     init_from: str = arg(None, "start from a transformers masked LM (a folder --export wrote, a BertForMaskedLM folder or "
                          "hub name such as bert-base-uncased, of any shape) instead of random weights: continued "
-                         "pretraining, with the model's own tokenizer unless --tokenizer says otherwise", type=str)
+                         "pretraining, with the model's own tokenizer unless --tokenizer says otherwise")
     export: str = arg(None, "write the checkpoint in --out_dir to this folder as a transformers model and tokenizer "
-                      "(AutoModelForMaskedLM/AutoTokenizer.from_pretrained read it) and exit", type=str)
+                      "(AutoModelForMaskedLM/AutoTokenizer.from_pretrained read it) and exit")
     overwrite: bool = arg(False, "--export into a folder that is not empty", action="store_true")
 
 
@@ -137,9 +136,8 @@ def parse_args(argv=None):
     p = OneLineParser(description=__doc__)
     for f in fields(TrainConfig):
         kw = dict(f.metadata)
-        kw.setdefault("type", type(f.default))
-        if "action" in kw:
-            kw.pop("type")
+        if "action" not in kw:
+            kw.setdefault("type", f.type)  # the field's annotation: str, int or float (betas says float itself)
         p.add_argument(f"--{f.name}", default=f.default, **kw)
     cfg = TrainConfig(**vars(p.parse_args(argv)))
     cfg.betas = tuple(cfg.betas)
@@ -162,13 +160,16 @@ def check(cfg):
         (not cfg.layerwise or n_layer >= 3,
          f"--layerwise drops in the layers between the first and the last, which --size {cfg.size} does not have"),
         (cfg.time_budget is None or cfg.time_budget > 0, f"--time_budget {cfg.time_budget} must be positive"),
+        (cfg.data_config is None or not is_local_path(cfg.data),
+         f"--data_config {cfg.data_config} names a Hugging Face dataset's configuration; --data {cfg.data} is a local path"),
         (cfg.time_budget is None or cfg.warmup is not None,
          "--time_budget needs --warmup (in steps: its default, 10% of --steps, has no meaning in a run that ends on time)"),
     ]
     if cfg.mode != "full" and 0 < cfg.keep <= 1 and 0 <= cfg.random_share < 1:
         k, need = kept_count(cfg.keep, cfg.seq_len), M + 2
-        rules.append((k - n_random(cfg, k) >= need,
-                      f"--keep {cfg.keep} keeps {k} of {cfg.seq_len} tokens, {n_random(cfg, k)} of them at random "
+        n_random = int(cfg.random_share * k)
+        rules.append((k - n_random >= need,
+                      f"--keep {cfg.keep} keeps {k} of {cfg.seq_len} tokens, {n_random} of them at random "
                       f"(--random_share), leaving fewer than the {need} always kept ([CLS], [SEP] and {M} masked); "
                       f"use a larger --keep or a smaller --random_share"))
     for ok, message in rules:
@@ -177,21 +178,14 @@ def check(cfg):
 
 
 def lr_at(step, cfg, clock=None):
-    """
-    Linear warm-up to cfg.lr over cfg.warmup steps, then linear decay to 0: at cfg.steps, or under
-    --time_budget at that many minutes of training (clock: seconds trained, and when warm-up ended).
-    """
+    """Linear warm-up to cfg.lr over cfg.warmup steps, then linear decay to 0: at cfg.steps, or under --time_budget at
+    that many minutes of training (clock: seconds trained, and when warm-up ended)."""
     if step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
     if cfg.time_budget:
         budget = 60 * cfg.time_budget
         return cfg.lr * max(0.0, (budget - clock["train_time"]) / max(1e-9, budget - clock["warmup_end"]))
     return cfg.lr * max(0.0, (cfg.steps - step) / max(1, cfg.steps - cfg.warmup))
-
-
-def n_random(cfg, k):
-    """How many of a row's k kept tokens --random_share draws at random."""
-    return int(cfg.random_share * k)
 
 
 def budget_used(cfg, step, clock):
@@ -238,13 +232,6 @@ def is_sctd_step(cfg, step):
     return cfg.mode == "sctd" and step % cfg.sctd_interval == 0
 
 
-def kept_positions(router, batch, cfg, k):
-    """The kept positions: (B, k) for Hou et al.'s schedule, or (L-2, B, k) with --layerwise, a draw per layer."""
-    if not cfg.layerwise:
-        return router.select(batch.input_ids, k, batch.noise[:, 0], n_random(cfg, k))
-    return torch.stack([router.select(batch.input_ids, k, noise, n_random(cfg, k)) for noise in batch.noise.unbind(1)])
-
-
 def objective(model, router, batch, cfg, sctd_step, k):
     """
     The loss of one micro-batch with k kept tokens per row (None: full sequence). Returns (loss, stats,
@@ -254,7 +241,7 @@ def objective(model, router, batch, cfg, sctd_step, k):
         logits, _, _ = model(batch.input_ids, batch.mlm_positions)
         loss, token_losses = mlm_loss(logits, batch.mlm_targets)
         return loss, {}, token_losses
-    keep_idx = kept_positions(router, batch, cfg, k)
+    keep_idx = router.kept_positions(batch.input_ids, batch.noise, k)
     logits, *drop = model(batch.input_ids, batch.mlm_positions, keep_idx)
     mlm_drop, token_losses = mlm_loss(logits, batch.mlm_targets)
     if not sctd_step:
@@ -309,11 +296,8 @@ def train_step(model, router, opt, scaler, batches, cfg, step, lr, k, autocast):
 
 @torch.no_grad()
 def evaluate(model, router, val_batches, cfg, autocast):
-    """
-    Full-sequence MLM loss and accuracy on fixed batches; the order gap (the loss on the same rows
-    with their words shuffled, minus the loss: ~0 while the model is still a bag of words); for
-    drop/sctd also the semantic drift.
-    """
+    """Full-sequence MLM loss and accuracy on fixed batches; the order gap (the loss on the same rows with their words
+    shuffled, minus the loss: ~0 while the model is still a bag of words); for drop/sctd also the semantic drift."""
     model.eval()
     sums = {}
     for i, batch in enumerate(val_batches):
@@ -326,7 +310,7 @@ def evaluate(model, router, val_batches, cfg, autocast):
             result = dict(val_loss=loss.item(), val_order_gap=gap.item(),
                           val_acc=(logits.argmax(-1) == batch.mlm_targets)[valid].float().mean().item())
             if cfg.mode != "full":
-                keep_idx = kept_positions(router, batch, cfg, kept_count(cfg.keep, cfg.seq_len))
+                keep_idx = router.kept_positions(batch.input_ids, batch.noise, kept_count(cfg.keep, cfg.seq_len))
                 _, *drop = model(batch.input_ids, batch.mlm_positions, keep_idx)
                 result.update({f"drift_{k}": v for k, v in semantic_drift(full, drop).items()})
         for k, v in result.items():
@@ -347,10 +331,8 @@ def save_checkpoint(out_dir, state):
 
 
 def load_checkpoint(out_dir, master=True, flag="--resume"):
-    """
-    The newest checkpoint that loads. A damaged one is named, set aside as *.bad (by rank 0, so that
-    the next save does not rotate it over the good previous one) and passed over for the previous.
-    """
+    """The newest checkpoint that loads. A damaged one is named, set aside as *.bad (by rank 0, so that the next save
+    does not rotate it over the good previous one) and passed over for the previous."""
     problems = []
     for name in ("ckpt.pt", "ckpt_prev.pt"):
         path = os.path.join(out_dir, name)
@@ -411,11 +393,6 @@ def setup(cfg):
     return rank, world, device, autocast
 
 
-def model_config(cfg, vocab_size):
-    """The architecture a TrainConfig asks for (a checkpoint stores it as its "model_config")."""
-    return BertConfig(**shape(cfg.size), vocab_size=vocab_size, dropout=cfg.dropout, position=cfg.position, norm=cfg.norm)
-
-
 def follow(cfg, arch, source):
     """--resume/--eval_only/--init_from: the architecture is the source's, whatever the flags say (a note names what differs)."""
     saved = dict(size=size_name(arch), position=arch.position, norm=arch.norm)
@@ -443,18 +420,11 @@ def export(cfg):
 def build(cfg, device, vocab, arch=None):
     """The model (of arch, else of the flags), router, optimizer and loss scaler a config asks for."""
     torch.manual_seed(cfg.seed)
-    model = Bert(arch or model_config(cfg, vocab.size)).to(device)
-    router = Router(model.cfg.vocab_size, vocab.special, vocab.pad, vocab.cls, cfg.router, cfg.importance_beta).to(device)
+    arch = arch or BertConfig(**shape(cfg.size), vocab_size=vocab.size, dropout=cfg.dropout, position=cfg.position, norm=cfg.norm)
+    model = Bert(arch).to(device)
+    router = Router(model.cfg.vocab_size, vocab.special, vocab.pad, vocab.cls, cfg.router, cfg.importance_beta,
+                    layerwise=cfg.layerwise, random_share=cfg.random_share).to(device)
     return (model, router, *optimizer(model, cfg, device))
-
-
-def adamw(params, weight_decay, **kwargs):
-    """AdamW with no weight decay on LayerNorm weights and biases (the 1-d parameters); finetune.py's too.
-    Fused: the whole update in one kernel, on the CPU too."""
-    params = list(params)
-    groups = [dict(params=[p for p in params if p.dim() >= 2], weight_decay=weight_decay),
-              dict(params=[p for p in params if p.dim() < 2], weight_decay=0.0)]
-    return torch.optim.AdamW(groups, fused=params[0].device.type in ("cpu", "cuda"), **kwargs)
 
 
 def optimizer(model, cfg, device):
@@ -470,11 +440,9 @@ def example_ids(step, micro, cfg, rank, world):
 
 
 def starting_point(cfg, master):
-    """
-    (checkpoint state, transformers model, tokenizer, architecture): the checkpoint of --resume/--eval_only or the
+    """(checkpoint state, transformers model, tokenizer, architecture): the checkpoint of --resume/--eval_only or the
     model of --init_from, whose architecture and tokenizer the run then follows, or random weights (None, None, the
-    --tokenizer, None: the flags' architecture). Runs before any data work, so bad input is an error at once.
-    """
+    --tokenizer, None: the flags' architecture). Runs before any data work, so bad input is an error at once."""
     state = init = arch = None
     if cfg.resume or cfg.eval_only:
         state = load_checkpoint(cfg.out_dir, master, "--eval_only" if cfg.eval_only else "--resume")
@@ -488,7 +456,8 @@ def starting_point(cfg, master):
             init = from_transformers(cfg.init_from)
         except ValueError as e:
             raise ValueError(f"--init_from: {e}") from None
-        tok, arch = load_tokenizer(cfg.tokenizer) if cfg.tokenizer else own_tokenizer(cfg.init_from), init.cfg
+        tok, arch = load_tokenizer(cfg.tokenizer) if cfg.tokenizer else own_tokenizer(
+            cfg.init_from, "--init_from", "pass --tokenizer, the one the model was trained with"), init.cfg
         source = f"--init_from {cfg.init_from}"
         if tok.vocab.n_ids > arch.vocab_size:
             raise ValueError(f"the tokenizer {tok.name} has {tok.vocab.n_ids} ids, more than the {arch.vocab_size} rows "
@@ -503,8 +472,10 @@ def starting_point(cfg, master):
 
 
 def fill_defaults(cfg, world):
-    """The defaults that depend on the number of processes, the steps or the size (BERT's where it has one)."""
+    """The defaults that depend on the number of processes, the steps, the size (BERT's where it has one) or the data."""
     cfg.batch_size = cfg.batch_size or max(1, 256 // world)
+    if cfg.data == DEFAULT_DATA:
+        cfg.data_config = cfg.data_config or DEFAULT_CONFIG
     cfg.warmup = min(10_000, cfg.steps // 10) if cfg.warmup is None else cfg.warmup
     cfg.lr = cfg.lr or {"base": 1e-4, "large": 1e-4, "small": 5e-4, "medium": 5e-4}.get(cfg.size, 1e-3)
 
