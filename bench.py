@@ -77,8 +77,7 @@ def parse_args(argv=None):
 
 
 def synthetic_batch(batch_size, seq_len, index, device, noise_draws):
-    """Random ordinary gpt2 ids (those below its first special one) between [CLS] and [SEP], masked as in training:
-    a Batch of (B, T) and (B, M) tensors."""
+    """Random ordinary gpt2 ids between [CLS] and [SEP], masked as in training: a Batch of (B, T) and (B, M) tensors."""
     ids = torch.randint(0, min(GPT2.special), (batch_size, seq_len), generator=torch.Generator().manual_seed(index))
     ids[:, 0], ids[:, -1] = GPT2.cls, GPT2.sep
     examples = torch.arange(index * batch_size, (index + 1) * batch_size)
@@ -203,8 +202,9 @@ def configs(args, run, size, seq_len, batch_size):
                                 compile=run.compile, device=run.device, lr=1e-4, warmup=0)
         train.check(cfg)
         return cfg
-    modes = [(m, False) for m in ("drop", "sctd") if m in args.modes]
-    if "layerwise" in args.modes:  # random-LTD's layers: their dropping step, and with sctd their ScTD step
+    # Hou et al.'s dropping step, for sctd too (its hybrid averages the two); layerwise: the same in random-LTD's layers
+    modes = [("drop", False)] * bool({"drop", "sctd"} & set(args.modes)) + [("sctd", False)] * ("sctd" in args.modes)
+    if "layerwise" in args.modes:
         modes += [("drop", True)] + [("sctd", True)] * ("sctd" in args.modes)
     cfgs = [config("full")] + [config(mode, keep, layerwise) for keep in args.keep for mode, layerwise in modes]
     return {train.step_kind(cfg, train.kept_now(cfg, 0), cfg.mode == "sctd"): cfg for cfg in cfgs}

@@ -1402,6 +1402,11 @@ def test_bench_smoke():
     assert full["speedup"] == full["flops_speedup"] == 1
     assert drop["flops_speedup"] > 1 > sctd["flops_speedup"]  # a ScTD step adds a full pass to the dropped one
     assert drop["flops_speedup"] > hybrid["flops_speedup"] > sctd["flops_speedup"]
+    # ScTD's step in both layer schedules, and the dropping steps its hybrid averages with
+    rows = bench.benchmark(bench.parse_args(["--sizes", "mini", "--seq_lens", "32", "--batch_size", "2", "--steps", "2",
+                                             "--warmup", "0", "--modes", "sctd", "layerwise"]))
+    assert [r["mode"] for r in rows] == ["full", "drop", "sctd_step", "sctd_hybrid", "drop layerwise",
+                                         "sctd_step layerwise", "sctd_hybrid layerwise"]
 
 
 def test_bench_profile_sorts_a_step_into_kinds_of_work():
