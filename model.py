@@ -233,13 +233,6 @@ class Bert(nn.Module):
         return batch_size * (per_row + head)
 
 
-# --- Hugging Face transformers interop: the same function in the transformers class that has it ---
-
-# (norm, position) -> the transformers class that computes what our Bert computes; the others have none.
-TRANSFORMERS_CLASSES = {("post", "absolute"): "BertForMaskedLM", ("post", "rotary"): "RoFormerForMaskedLM",
-                        ("pre", "absolute"): "RobertaPreLayerNormForMaskedLM"}
-
-
 def adamw(params, weight_decay, **kwargs):
     """AdamW with no weight decay on LayerNorm weights and biases (the 1-d parameters): pretraining's and fine-tuning's.
     Fused: the whole update in one kernel, on the CPU too."""
@@ -247,6 +240,13 @@ def adamw(params, weight_decay, **kwargs):
     groups = [dict(params=[p for p in params if p.dim() >= 2], weight_decay=weight_decay),
               dict(params=[p for p in params if p.dim() < 2], weight_decay=0.0)]
     return torch.optim.AdamW(groups, fused=params[0].device.type in ("cpu", "cuda"), **kwargs)
+
+
+# --- Hugging Face transformers interop: the same function in the transformers class that has it ---
+
+# (norm, position) -> the transformers class that computes what our Bert computes; the others have none.
+TRANSFORMERS_CLASSES = {("post", "absolute"): "BertForMaskedLM", ("post", "rotary"): "RoFormerForMaskedLM",
+                        ("pre", "absolute"): "RobertaPreLayerNormForMaskedLM"}
 
 
 def _transformers_names(cfg, cls_name):
