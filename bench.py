@@ -512,7 +512,8 @@ def compare_runs(args):
           + (" Then the median dev score of each fine-tuning saved beside the run." if tasks else ""))
     summary = savings_over_seeds(rows, targets, [clock for clock, _ in clocks])
     for line in summary:
-        print(f"{line['method']}, saving at {line['target']:.3f} over {line['seeds']} seeds: "
+        print(f"{line['method']}, saving at {line['target']:.3f} over {line['seeds']} seeds"
+              + "".join(f" ({m})" for m in line["missed"]) + ": "
               + "".join(f"{clock}mean {line[clock + 'mean']:+.0%}, range [{line[clock + 'min']:+.0%}, {line[clock + 'max']:+.0%}]"
                         + (f" ({line[clock + 'count']} seeds)" if line[clock + "count"] != line["seeds"] else "")
                         + f"; by its {clock}step speed alone: mean {line[clock + 'speed_saving']:+.0%}"
@@ -534,7 +535,8 @@ def compare_runs(args):
 
 def savings_over_seeds(rows, targets, clocks):
     """Per method (not full) and target: the savings of its seeds (each against its own full run; on each clock, "" for
-    the measured, "modelled " for --step_times) and the tokens each needed against its full run's, their mean and range."""
+    the measured, "modelled " for --step_times) and the tokens each needed against its full run's, their mean and range,
+    over the seeds where both runs reached the target; the others are named, with which run missed it."""
     summary = []
     for method in dict.fromkeys(r["method"] for r in rows if r["mode"] != "full"):
         mine = [r for r in rows if r["method"] == method]
@@ -543,7 +545,10 @@ def savings_over_seeds(rows, targets, clocks):
             if not reached:
                 continue
             tokens = [r[f"tokens vs full at {target:.3f}"] for r in reached]
-            line = dict(method=method, target=target, seeds=len(reached), tokens_ratio=float(np.mean(tokens)),
+            # the seeds left out say so: a run that never reached the target would otherwise raise the mean
+            missed = [f"seed {r['seed']}" + (" never reached it" if all(r[f"{c}min to {target:.3f}"] is None for c in clocks)
+                                             else ": no full run of its seed reached it") for r in mine if r not in reached]
+            line = dict(method=method, target=target, seeds=len(reached), missed=missed, tokens_ratio=float(np.mean(tokens)),
                         tokens_min=min(tokens), tokens_max=max(tokens))
             for clock in clocks:  # a clock some runs lack (measured minutes of modelled-clock runs) counts the others
                 savings = [r[f"{clock}saving at {target:.3f}"] for r in reached if r[f"{clock}saving at {target:.3f}"] is not None]

@@ -1519,6 +1519,16 @@ def test_bench_models_time_from_step_kinds_and_tells_methods_apart(tmp_path, cap
         bench.compare_runs(bench.parse_args(["--runs", str(tmp_path / "wider"), "--step_times", times]))
 
 
+def test_bench_names_the_seeds_a_mean_leaves_out(tmp_path, capsys):
+    # full reaches 5.0 at seeds 1 and 2, not at 3; the dropping run of seed 2 never does
+    for seed, full_loss, drop_loss in [(1, 5.0, 5.0), (2, 5.0, 5.5), (3, 5.5, 5.0)]:
+        fake_run(tmp_path / f"full-{seed}", "full", [(19, 20, full_loss)], seed=seed)
+        fake_run(tmp_path / f"drop-{seed}", "drop", [(19, 10, drop_loss)], seed=seed)
+    bench.compare_runs(bench.parse_args(["--runs", *map(str, sorted(tmp_path.iterdir())), "--target_loss", "5.0"]))
+    assert ("drop (loss router), saving at 5.000 over 1 seeds (seed 2 never reached it) (seed 3: no full run of its seed "
+            "reached it): mean +50%") in capsys.readouterr().out
+
+
 def test_bench_pairs_each_method_with_the_next_seed_by_seed(tmp_path, capsys):
     # three seeds; full reaches 5.0 at 20 s. A in 20 steps at 10/12/14 s (saves 50/40/30%, all of its step speed's
     # promise); B in 30 steps at 15/11/16 s (saves 25/45/20%, its steps alone would save 50/63/47%)
