@@ -565,8 +565,8 @@ def savings_over_seeds(rows, targets, clocks):
 def paired_leads(rows, targets, clock):
     """
     Whether one method's lead over another is larger than the seeds' spread. Per target, the methods ranked by their
-    mean saving on clock ("" measured, "modelled "), each against the next below it, on the seeds both have: the
-    difference of their savings seed by seed (its mean and range), at how many seeds the one ahead wins, and a one-sided
+    mean saving on clock ("" measured, "modelled "), each against the next below it, on the seeds both have (the one
+    ahead is the one those seeds favour: means over different seeds can rank the other first): the difference of their savings seed by seed (its mean and range), at how many seeds the one ahead wins, and a one-sided
     sign test's p (the chance of winning at least that many if neither method were better). One seed ranks nothing:
     only pairs with two seeds or more.
     """
@@ -581,6 +581,8 @@ def paired_leads(rows, targets, clock):
             diffs = [savings[ahead][s] - savings[behind][s] for s in sorted(savings[ahead].keys() & savings[behind].keys())]
             if len(diffs) < 2:
                 continue
+            if np.mean(diffs) < 0:  # ranked by means over different seeds, but the seeds they share put the other ahead
+                ahead, behind, diffs = behind, ahead, [-d for d in diffs]
             n, wins = len(diffs), sum(d > 0 for d in diffs)
             leads.append(dict(target=target, ahead=ahead, behind=behind, seeds=n, mean=float(np.mean(diffs)),
                               min=min(diffs), max=max(diffs), wins=wins,

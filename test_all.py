@@ -1520,13 +1520,19 @@ def test_bench_models_time_from_step_kinds_and_tells_methods_apart(tmp_path, cap
 
 
 def test_bench_names_the_seeds_a_mean_leaves_out(tmp_path, capsys):
-    # full reaches 5.0 at seeds 1 and 2, not at 3; the dropping run of seed 2 never does
-    for seed, full_loss, drop_loss in [(1, 5.0, 5.0), (2, 5.0, 5.5), (3, 5.5, 5.0)]:
+    # full reaches 5.0 in 20 s at seeds 1, 2 and 4, not at 3; the loss router's run of seed 2 never does
+    for seed, full_loss, drop_loss in [(1, 5.0, 5.0), (2, 5.0, 5.5), (3, 5.5, 5.0), (4, 5.0, 5.0)]:
         fake_run(tmp_path / f"full-{seed}", "full", [(19, 20, full_loss)], seed=seed)
         fake_run(tmp_path / f"drop-{seed}", "drop", [(19, 10, drop_loss)], seed=seed)
+    # the random router saves 40 / 80 / 45%: the higher mean (55% against 50%), but behind at both seeds they share
+    for seed, seconds in [(1, 12), (2, 4), (4, 11)]:
+        fake_run(tmp_path / f"random-{seed}", "drop", [(19, seconds, 5.0)], seed=seed, router="random")
     bench.compare_runs(bench.parse_args(["--runs", *map(str, sorted(tmp_path.iterdir())), "--target_loss", "5.0"]))
-    assert ("drop (loss router), saving at 5.000 over 1 seeds (seed 2 never reached it) (seed 3: no full run of its seed "
-            "reached it): mean +50%") in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert ("drop (loss router), saving at 5.000 over 2 seeds (seed 2 never reached it) (seed 3: no full run of its seed "
+            "reached it): mean +50%") in out
+    assert ("drop (loss router) ahead of drop (random router) at 5.000, saving seed by seed: by +8 points, range [+5, +10]; "
+            "ahead at 2 of 2 seeds") in out
 
 
 def test_bench_pairs_each_method_with_the_next_seed_by_seed(tmp_path, capsys):
