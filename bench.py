@@ -567,8 +567,9 @@ def paired_leads(rows, targets, clock):
     Whether one method's lead over another is larger than the seeds' spread. Per target, the methods ranked by their
     mean saving on clock ("" measured, "modelled "), each against the next below it, on the seeds both have (the one
     ahead is the one those seeds favour: means over different seeds can rank the other first): the difference of their
-    savings seed by seed (its mean and range), at how many seeds the one ahead wins, and a one-sided sign test's p (the chance of winning at least that many if neither method were better). One seed ranks nothing:
-    only pairs with two seeds or more.
+    savings seed by seed (its mean and range), at how many seeds the one ahead wins, and a one-sided sign test's p (the
+    chance of winning at least that many if neither method were better). One seed ranks nothing: only pairs with two
+    seeds or more.
     """
     leads = []
     for target in targets:
