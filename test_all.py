@@ -1515,6 +1515,10 @@ def test_bench_models_time_from_step_kinds_and_tells_methods_apart(tmp_path, cap
     out = capsys.readouterr().out
     assert ("drop (random router, layerwise), saving at 5.000 over 1 seeds: modelled mean +80%, range [+80%, +80%]; "
             "by its modelled step speed alone: mean +60% (it keeps 133% of that); tokens vs full: mean 0.50x") in out
+    # runs that all ran on the modelled clock: the measured columns, empty, are left out of the table
+    runs.compare_runs(bench.parse_args(["--runs", str(tmp_path / "ltd"), "--target_loss", "5.0", "--step_times", times]))
+    header = capsys.readouterr().out.splitlines()[0]
+    assert "| modelled min to 5.000 |" in header and "| min to 5.000 |" not in header and "| steps/s |" not in header
     fake_run(tmp_path / "wider", "drop", [(9, 10, 5.0)], router="random", layerwise=True, keep=0.75, **shape)
     with pytest.raises(ValueError, match="no time for drop k=48 layerwise"):
         runs.compare_runs(bench.parse_args(["--runs", str(tmp_path / "wider"), "--step_times", times]))
