@@ -28,7 +28,6 @@ CORPUS = os.path.join(TESTDATA, "enwiki_small.jsonl.xz")
 import bench  # noqa: E402
 import data  # noqa: E402
 import finetune  # noqa: E402
-import runs  # noqa: E402
 import train  # noqa: E402
 from dropping import FIRST, LAST, LAYERWISE, Router, layer_schedule, scheduled_count  # noqa: E402
 from loss import cls_kl, mlm_loss, sctd_loss  # noqa: E402
@@ -513,7 +512,7 @@ def test_tiny_model_learns(cache, tmp_path, capsys):
     printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert printed["steps_done"] == 60 and abs(printed["val_loss"] - val[-1]) < 1e-5  # the final evaluation, reproduced
     assert sum(1 for _ in open(tmp_path / "log.jsonl")) == len(log)  # and nothing written
-    run = runs.read_run(str(tmp_path))  # config.json beside log.jsonl: all bench.py --runs needs
+    run = bench.read_run(str(tmp_path))  # config.json beside log.jsonl: all bench.py --runs needs
     assert run["config"]["size"] == "tiny" and run["evals"][-1]["val_loss"] == val[-1]
     assert run["config"]["data_config"] is None  # a local file: no hub configuration was used
 
@@ -1436,7 +1435,7 @@ def test_bench_times_runs_to_a_target_loss(tmp_path, capsys):
                                          (29, 30, 4.2)])
     dirs = [str(tmp_path / "full"), str(tmp_path / "drop")]
     # default target: the highest best loss, 4.2; full reaches it at 20 + 10 * 0.8 s, drop at 30 s
-    full, drop = runs.compare_runs(bench.parse_args(["--runs", *dirs]))
+    full, drop = bench.compare_runs(bench.parse_args(["--runs", *dirs]))
     assert full["min to 4.200"] * 60 == pytest.approx(28) and drop["min to 4.200"] * 60 == pytest.approx(30)
     assert drop["saving at 4.200"] == pytest.approx(1 - 30 / 28) and full["saving at 4.200"] is None
     assert drop["tokens vs full at 4.200"] == pytest.approx(3000 / 2800)  # 100 tokens a step: at 4.2, 3000 against 2800
@@ -1447,7 +1446,7 @@ def test_bench_times_runs_to_a_target_loss(tmp_path, capsys):
     fake_run(tmp_path / "drop2", "drop", [(19, 10, 5.0)], seed=7)
     dirs += [str(tmp_path / "full2"), str(tmp_path / "drop2")]
     capsys.readouterr()
-    full, drop, _, drop2 = runs.compare_runs(bench.parse_args(["--runs", *dirs, "--target_loss", "5.0", "4.1"]))
+    full, drop, _, drop2 = bench.compare_runs(bench.parse_args(["--runs", *dirs, "--target_loss", "5.0", "4.1"]))
     assert full["min to 5.000"] * 60 == pytest.approx(20) and drop["min to 5.000"] * 60 == pytest.approx(15)
     assert drop["saving at 5.000"] == pytest.approx(0.25) and drop2["saving at 5.000"] == pytest.approx(0.5)
     assert drop2["steps/s vs full"] == pytest.approx(2.0)
@@ -1461,22 +1460,22 @@ def test_bench_times_runs_to_a_target_loss(tmp_path, capsys):
     ft_runs = [dict(lr=1e-4, seed=s, scores=dict(f1=f, acc=a)) for s, f, a in [(0, 80, 70), (1, 90, 60), (2, 50, 50)]]
     with open(tmp_path / "drop" / "finetune-a.json", "w") as f:
         json.dump(dict(init="drop", config={}, results=dict(mrpc=finetune.summarize(ft_runs))), f)
-    full, drop, *_ = runs.compare_runs(bench.parse_args(["--runs", *dirs]))
+    full, drop, *_ = bench.compare_runs(bench.parse_args(["--runs", *dirs]))
     assert drop["mrpc f1"] == 80 and full["mrpc f1"] is None and "| mrpc f1 |" in capsys.readouterr().out
     # another file's seeds are pooled with them; its run of seed 2 replaces the first file's
     more = [dict(lr=1e-4, seed=s, scores=dict(f1=f, acc=a)) for s, f, a in [(2, 95, 50), (3, 96, 50)]]
     with open(tmp_path / "drop" / "finetune-b.json", "w") as f:
         json.dump(dict(init="drop", config={}, results=dict(mrpc=finetune.summarize(more))), f)
-    _, drop, *_ = runs.compare_runs(bench.parse_args(["--runs", *dirs]))
+    _, drop, *_ = bench.compare_runs(bench.parse_args(["--runs", *dirs]))
     assert drop["mrpc f1"] == np.median([80, 90, 95, 96])
     code, err = run_cli("bench.py", "--runs", str(tmp_path))
     assert code != 0 and one_line_error(err, "--runs"), err
     # the figure's legend: one entry per method, on its first run
-    assert runs.legend_labels([dict(method=m, config=dict(seed=s)) for m, s in [("full", 1), ("drop", 1), ("full", 2),
+    assert bench.legend_labels([dict(method=m, config=dict(seed=s)) for m, s in [("full", 1), ("drop", 1), ("full", 2),
                                                                                   ("drop", 2), ("sctd", 1)]]) == [
         "full, 2 seeds", "drop, 2 seeds", None, None, "sctd, seed 1"]
     pytest.importorskip("matplotlib")
-    runs.compare_runs(bench.parse_args(["--runs", *dirs, "--plot", str(tmp_path / "curves.png")]))
+    bench.compare_runs(bench.parse_args(["--runs", *dirs, "--plot", str(tmp_path / "curves.png")]))
     assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -1492,7 +1491,7 @@ def test_bench_models_time_from_step_kinds_and_tells_methods_apart(tmp_path, cap
     fake_run(tmp_path / "quarter", "drop", [(9, 10, 5.0)], router="random", keep=0.25, keep_ramp=0.5,
              kinds=[{"drop k=16": 4, "full": 6}], **shape)
     dirs = [str(tmp_path / name) for name in ("full", "drop", "sctd", "quarter")]
-    full, drop, sctd, quarter = runs.compare_runs(bench.parse_args(["--runs", *dirs, "--target_loss", "5.0",
+    full, drop, sctd, quarter = bench.compare_runs(bench.parse_args(["--runs", *dirs, "--target_loss", "5.0",
                                                                      "--step_times", times]))
     assert [r["method"] for r in (full, drop, sctd, quarter)] == [
         "full", "drop (random router)", "sctd (loss router, sctd_interval 2)", "drop (random router, keep 0.25, keep_ramp 0.5)"]
@@ -1508,7 +1507,7 @@ def test_bench_models_time_from_step_kinds_and_tells_methods_apart(tmp_path, cap
     # records its tokenizer, which the older runs did not: the same gpt2, so no label shows it
     fake_run(tmp_path / "ltd", "drop", [(9, 99, 5.0)], router="random", layerwise=True, step_times=times, tokenizer="gpt2",
              kinds=[{"drop k=32 layerwise": 10}], **shape)
-    *_, ltd = runs.compare_runs(bench.parse_args(["--runs", *dirs, str(tmp_path / "ltd"), "--target_loss", "5.0",
+    *_, ltd = bench.compare_runs(bench.parse_args(["--runs", *dirs, str(tmp_path / "ltd"), "--target_loss", "5.0",
                                                    "--step_times", times]))
     assert ltd["min to 5.000"] is None and ltd["saving at 5.000"] is None and ltd["steps/s vs full"] is None
     assert ltd["modelled saving at 5.000"] == pytest.approx(1 - 8 / 40)
@@ -1516,12 +1515,12 @@ def test_bench_models_time_from_step_kinds_and_tells_methods_apart(tmp_path, cap
     assert ("drop (random router, layerwise), saving at 5.000 over 1 seeds: modelled mean +80%, range [+80%, +80%]; "
             "by its modelled step speed alone: mean +60% (it keeps 133% of that); tokens vs full: mean 0.50x") in out
     # runs that all ran on the modelled clock: the measured columns, empty, are left out of the table
-    runs.compare_runs(bench.parse_args(["--runs", str(tmp_path / "ltd"), "--target_loss", "5.0", "--step_times", times]))
+    bench.compare_runs(bench.parse_args(["--runs", str(tmp_path / "ltd"), "--target_loss", "5.0", "--step_times", times]))
     header = capsys.readouterr().out.splitlines()[0]
     assert "| modelled min to 5.000 |" in header and "| min to 5.000 |" not in header and "| steps/s |" not in header
     fake_run(tmp_path / "wider", "drop", [(9, 10, 5.0)], router="random", layerwise=True, keep=0.75, **shape)
     with pytest.raises(ValueError, match="no time for drop k=48 layerwise"):
-        runs.compare_runs(bench.parse_args(["--runs", str(tmp_path / "wider"), "--step_times", times]))
+        bench.compare_runs(bench.parse_args(["--runs", str(tmp_path / "wider"), "--step_times", times]))
 
 
 def test_bench_names_the_seeds_a_mean_leaves_out(tmp_path, capsys):
@@ -1532,7 +1531,7 @@ def test_bench_names_the_seeds_a_mean_leaves_out(tmp_path, capsys):
     # the random router saves 40 / 80 / 45%: the higher mean (55% against 50%), but behind at both seeds they share
     for seed, seconds in [(1, 12), (2, 4), (4, 11)]:
         fake_run(tmp_path / f"random-{seed}", "drop", [(19, seconds, 5.0)], seed=seed, router="random")
-    runs.compare_runs(bench.parse_args(["--runs", *map(str, sorted(tmp_path.iterdir())), "--target_loss", "5.0"]))
+    bench.compare_runs(bench.parse_args(["--runs", *map(str, sorted(tmp_path.iterdir())), "--target_loss", "5.0"]))
     out = capsys.readouterr().out
     assert ("drop (loss router), saving at 5.000 over 2 seeds (seed 2 never reached it) (seed 3: no full run of its seed "
             "reached it): mean +50%") in out
@@ -1549,7 +1548,7 @@ def test_bench_pairs_each_method_with_the_next_seed_by_seed(tmp_path, capsys):
         fake_run(tmp_path / f"b-{seed}", "drop", [(29, b, 5.0)], seed=seed)
     fake_run(tmp_path / "c-1", "drop", [(19, 1, 5.0)], seed=1, router="random", keep=0.25)  # one seed: first, paired with none
     json_path = tmp_path / "runs.json"
-    runs.compare_runs(bench.parse_args(["--runs", *map(str, sorted(tmp_path.iterdir())), "--target_loss", "5.0",
+    bench.compare_runs(bench.parse_args(["--runs", *map(str, sorted(tmp_path.iterdir())), "--target_loss", "5.0",
                                          "--json", str(json_path)]))
     out = capsys.readouterr().out
     assert "drop (random router), saving at 5.000 over 3 seeds: mean +40%, range [+30%, +50%]; by its step speed alone: mean +40% (it keeps 100% of that)" in out
