@@ -1472,7 +1472,7 @@ def test_bench_times_runs_to_a_target_loss(tmp_path, capsys):
     assert code != 0 and one_line_error(err, "--runs"), err
     # the figure's legend: one entry per method, on its first run
     assert bench.legend_labels([dict(method=m, config=dict(seed=s)) for m, s in [("full", 1), ("drop", 1), ("full", 2),
-                                                                                  ("drop", 2), ("sctd", 1)]]) == [
+                                                                                 ("drop", 2), ("sctd", 1)]]) == [
         "full, 2 seeds", "drop, 2 seeds", None, None, "sctd, seed 1"]
     pytest.importorskip("matplotlib")
     bench.compare_runs(bench.parse_args(["--runs", *dirs, "--plot", str(tmp_path / "curves.png")]))
